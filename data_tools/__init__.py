@@ -1,0 +1,1 @@
+"""The dataset sharding tool: images -> VAE latents -> WebDataset shards with a manifest."""

@@ -1,0 +1,1 @@
+"""Networks only: DiT, MaskDiT, skip branches and their building blocks (no diffusion maths)."""

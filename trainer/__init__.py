@@ -1,0 +1,1 @@
+"""The trainer: diffusion maths, data stream, DeepSpeed engine, loop, sampling and evaluation."""
