@@ -1,0 +1,102 @@
+"""The MaskDiT training objective (Zheng et al. 2023) on top of the sigma-form diffusion maths.
+
+Per sample: DSM = the weighted denoising loss averaged over the kept (unmasked) tokens only, plus
+lambda_MAE x MAE = the reconstruction of the masked tokens' noisy input patches (normalised per
+patch, as MAE's norm_pix_loss), averaged over the masked tokens. With mask ratio 0 every token is
+kept and the MAE term is zero, so the objective is plain (weighted) denoising score matching.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from einops import rearrange
+
+from .diffusion import SIGMA_CEIL, SIGMA_FLOOR, Denoiser, LossWeighting, _col
+
+SigmaSampler = Callable[..., torch.Tensor]
+
+
+class LossOutput(NamedTuple):
+    """Per-sample results [B]: loss = dsm + lambda_mae * mae, and the sigma each sample was noised at."""
+
+    loss: torch.Tensor
+    sigma: torch.Tensor
+    dsm: torch.Tensor
+    mae: torch.Tensor
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, p*p*C], tokens row-major over the patch grid (model_zoo's order)."""
+    if x.shape[-1] % patch_size or x.shape[-2] % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide the input size {tuple(x.shape[-2:])}")
+    return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+def per_token_mse(pred: torch.Tensor, target: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean squared error per token [B, N] between two [B, C, H, W] tensors (computed in float32)."""
+    diff = (pred.float() - target.float()) ** 2
+    return patchify(diff, patch_size).mean(-1)
+
+
+def normalize_patches(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Standardise each token [B, N, D] over its D values (MAE's per-patch target normalisation)."""
+    mean = tokens.mean(-1, keepdim=True)
+    var = tokens.var(-1, unbiased=False, keepdim=True)
+    return (tokens - mean) / (var + eps).sqrt()
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of values [B, N] over the tokens where weights [B, N] is 1."""
+    return (values * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
+                 noise: torch.Tensor, mask_ratio: float, weighting: LossWeighting,
+                 lambda_mae: float = 0.1) -> LossOutput:
+    """MaskDiT loss for clean latents x0 [B, C, H, W] noised at sigma [B] with noise n ~ N(0, I).
+
+    The DSM part is weighting.output_weight(sigma) * |F - F_target|^2 per token, i.e. the x0-space
+    weight converted to the network-output space, averaged over kept tokens. The MAE part compares
+    the raw network output F on masked tokens with the normalised noisy input patches; F rather
+    than D is used because D = c_skip * x + c_out * F would hand the target (x itself) to the loss.
+    """
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if lambda_mae < 0:
+        raise ValueError(f"lambda_mae must be >= 0, got {lambda_mae}")
+    if sigma.shape != (x0.shape[0],):
+        raise ValueError(f"sigma must have shape [{x0.shape[0]}], got {tuple(sigma.shape)}")
+    p = denoiser.net.patch_size
+    precond = denoiser.precond
+    # A zero-SNR schedule has sigma = inf: noise at the largest finite sigma instead (SNR ~ 1e-16).
+    s = sigma.float().clamp(SIGMA_FLOOR, SIGMA_CEIL)
+    x = x0 + _col(s, x0).to(x0.dtype) * noise
+    f, mask = denoiser.raw(x, s, y, mask_ratio=mask_ratio)
+    if mask is None and mask_ratio > 0:
+        raise ValueError(f"mask_ratio={mask_ratio} but the network returned no mask (a DiT cannot mask tokens)")
+    target = precond.target(x0, noise, s)
+    token_loss = per_token_mse(f, target, p) * weighting.output_weight(s, precond)[:, None]
+    keep = torch.ones_like(token_loss) if mask is None else 1.0 - mask.float()
+    dsm = _masked_mean(token_loss, keep)
+    if mask is None or lambda_mae == 0:
+        mae = torch.zeros_like(dsm)
+    else:
+        mae_target = normalize_patches(patchify(x.float(), p))
+        mae_token = ((patchify(f.float(), p) - mae_target) ** 2).mean(-1)
+        mae = _masked_mean(mae_token, mask.float())
+    return LossOutput(dsm + lambda_mae * mae, sigma, dsm, mae)
+
+
+def training_losses(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float,
+                    weighting: LossWeighting, sigma_sampler: SigmaSampler, lambda_mae: float = 0.1,
+                    generator: Optional[torch.Generator] = None) -> LossOutput:
+    """One training batch: draw sigma [B] and noise, return per-sample losses with their parts.
+
+    The trainer reduces `loss` (e.g. .mean()) for the backward pass and buckets it by `sigma`.
+    Label dropout for classifier-free guidance happens inside the network in train() mode.
+    """
+    sigma = sigma_sampler(x0.shape[0], device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator).to(x0.dtype)
+    return maskdit_loss(denoiser, x0, y, sigma, noise, mask_ratio, weighting, lambda_mae)
