@@ -1,0 +1,244 @@
+"""Samplers in the sigma formulation, classifier-free guidance and Skip-Cache scheduling.
+
+Every sampler has one signature, k-diffusion style:
+
+    sampler(model, x, sigmas, generator=None) -> x0 estimate
+
+model(x, sigma) -> denoised D(x; sigma) for a batch x and a python-float sigma; x starts as
+noise * sigmas[0]; sigmas is a decreasing grid ending with 0. `GuidedModel` turns a Denoiser plus
+labels into such a model: guidance (cond and uncond halves in one batched forward) and Skip-Cache
+(full and cached steps, counted) live there, so every sampler gets both for free.
+
+A "step" for Skip-Cache is one evaluation of the guided model: one per Euler / DDIM / DDPM step,
+two per Heun step (except the last). Guided evaluations are one step, not two model calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .diffusion import SIGMA_CEIL, DDPMSchedule
+
+ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
+Sampler = Callable[..., torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- sigma grids
+
+
+def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM's grid: steps sigmas evenly spaced in sigma^(1/rho) from sigma_max to sigma_min, then 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    grid = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
+def ddpm_sigmas(schedule: DDPMSchedule, steps: int) -> torch.Tensor:
+    """steps sigmas of a DDPM schedule at evenly spaced timesteps T-1 .. 0 (DiT's respacing), then 0.
+
+    An infinite first sigma (zero-terminal-SNR schedules) is capped at SIGMA_CEIL: samplers must
+    start from a finite x = noise * sigma.
+    """
+    if not 1 <= steps <= schedule.num_steps:
+        raise ValueError(f"steps must be in [1, {schedule.num_steps}], got {steps}")
+    t = torch.linspace(schedule.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
+    grid = schedule.sigmas[t].clamp(max=SIGMA_CEIL)
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def _floats(sigmas: torch.Tensor) -> List[float]:
+    """The grid as python floats: sigma decisions then need no device sync."""
+    return [float(s) for s in sigmas.detach().cpu().tolist()]
+
+
+def heun_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1, no churn).
+
+    The last step (to sigma = 0) is a plain Euler step, as the ODE's slope is undefined at 0.
+    """
+    s = _floats(sigmas)
+    for cur, nxt in zip(s[:-1], s[1:]):
+        d = (x - model(x, cur)) / cur
+        x_next = x + (nxt - cur) * d
+        if nxt > 0:
+            d_next = (x_next - model(x_next, nxt)) / nxt
+            x_next = x + (nxt - cur) * 0.5 * (d + d_next)
+        x = x_next
+    return x
+
+
+def euler_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma; identical to DDIM (eta = 0)."""
+    s = _floats(sigmas)
+    for cur, nxt in zip(s[:-1], s[1:]):
+        denoised = model(x, cur)
+        x = denoised + (nxt / cur) * (x - denoised)
+    return x
+
+
+def ddpm_ancestral_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
+                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Ancestral DDPM sampling in sigma form: the exact DDPM posterior q(x_next | x, x0 = D).
+
+    From sigma to sigma' < sigma the posterior adds fresh noise sigma_up^2 = sigma'^2 (sigma^2 -
+    sigma'^2) / sigma^2 after a deterministic move to sigma_down = sqrt(sigma'^2 - sigma_up^2); on a
+    (respaced) DDPM grid this equals x_{t-1} ~ N(mu_t(x_t, x0), beta_tilde_t) of Ho et al. 2020.
+    """
+    s = _floats(sigmas)
+    for cur, nxt in zip(s[:-1], s[1:]):
+        denoised = model(x, cur)
+        if nxt == 0:
+            x = denoised
+            continue
+        up = math.sqrt(nxt ** 2 * (cur ** 2 - nxt ** 2) / cur ** 2)
+        down = math.sqrt(max(nxt ** 2 - up ** 2, 0.0))
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x = denoised + (down / cur) * (x - denoised) + up * noise
+    return x
+
+
+SAMPLERS: Dict[str, Sampler] = {
+    "heun": heun_sampler,
+    "euler": euler_sampler,
+    "ddim": euler_sampler,
+    "ddpm": ddpm_ancestral_sampler,
+}
+
+
+# ----------------------------------------------------------------------------- guidance + cache
+
+
+@dataclass(frozen=True)
+class SkipCacheConfig:
+    """Skip-Cache schedule (Skip-DiT): after a full step, the next interval - 1 steps are cached.
+
+    interval: N; 1 means every step is full (identical to uncached sampling).
+    n_keep: blocks run at each end of the network on cached steps (the first and last n_keep).
+    force_full_sigma: (lo, hi); steps with lo <= sigma <= hi always run the full model.
+    """
+
+    interval: int = 2
+    n_keep: int = 1
+    force_full_sigma: Optional[Tuple[float, float]] = None
+
+    def __post_init__(self):
+        if self.interval < 1:
+            raise ValueError(f"skip cache interval must be >= 1, got {self.interval}")
+        if self.n_keep < 1:
+            raise ValueError(f"skip cache n_keep must be >= 1, got {self.n_keep}")
+        if self.force_full_sigma is not None and not 0 <= self.force_full_sigma[0] <= self.force_full_sigma[1]:
+            raise ValueError(f"force_full_sigma must be (lo, hi) with 0 <= lo <= hi, got {self.force_full_sigma}")
+
+
+class GuidedModel:
+    """model(x, sigma) for samplers: a Denoiser with labels, guidance and Skip-Cache.
+
+    denoiser(x, sigma, y, skip_cache=..., reuse_cache=...) -> D, with `num_classes` (the null label)
+    and, for Skip-Cache, `new_skip_cache(n_keep)`. guidance_scale s: D_uncond + s (D_cond -
+    D_uncond) on all channels; s = 1 runs the conditional half only. guidance_interval (lo, hi):
+    guide only where lo < sigma <= hi (Kynkaanniemi et al. 2024), conditional elsewhere.
+    """
+
+    def __init__(self, denoiser, y: torch.Tensor, guidance_scale: float = 1.0,
+                 guidance_interval: Optional[Tuple[float, float]] = None,
+                 skip_cache: Optional[SkipCacheConfig] = None):
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:
+            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo < hi, got {guidance_interval}")
+        self.denoiser, self.y = denoiser, y
+        self.scale, self.interval = guidance_scale, guidance_interval
+        self.config = skip_cache
+        self.cache = denoiser.new_skip_cache(skip_cache.n_keep) if skip_cache is not None else None
+        self.full_steps = 0
+        self.cached_steps = 0
+        self._since_full = 0
+        self._cached_batch: Optional[int] = None
+
+    def _guided(self, sigma: float) -> bool:
+        if self.scale == 1.0:
+            return False
+        return self.interval is None or self.interval[0] < sigma <= self.interval[1]
+
+    def _full(self, sigma: float, batch: int) -> bool:
+        """Whether this step runs the whole network (and refreshes the cache)."""
+        cfg = self.config
+        if cfg is None or self._cached_batch != batch:  # no cache yet, or guidance toggled the batch
+            return True
+        if cfg.force_full_sigma is not None and cfg.force_full_sigma[0] <= sigma <= cfg.force_full_sigma[1]:
+            return True
+        return self._since_full + 1 >= cfg.interval
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Denoised estimate for x [B, ...] at one sigma, guided and cached per the settings."""
+        guided = self._guided(sigma)
+        if guided:
+            null = torch.full_like(self.y, self.denoiser.num_classes)
+            xb, yb = torch.cat([x, x]), torch.cat([self.y, null])
+        else:
+            xb, yb = x, self.y
+        full = self._full(sigma, xb.shape[0])
+        out = self.denoiser(xb, sigma, yb, skip_cache=self.cache, reuse_cache=not full)
+        if full:
+            self.full_steps += 1
+            self._since_full = 0
+            self._cached_batch = xb.shape[0]
+        else:
+            self.cached_steps += 1
+            self._since_full += 1
+        if not guided:
+            return out
+        cond, uncond = out.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+@dataclass
+class SampleResult:
+    """A sampling run: the final latents and what it executed.
+
+    full_steps / cached_steps: guided-model evaluations that ran the whole network / only the
+    first and last n_keep blocks. blocks_run: transformer blocks the network reports having run
+    (None without Skip-Cache, where the network keeps no counter).
+    """
+
+    x: torch.Tensor
+    full_steps: int
+    cached_steps: int
+    blocks_run: Optional[int]
+
+
+@torch.no_grad()
+def sample(denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, sampler: str = "heun",
+           guidance_scale: float = 1.0, guidance_interval: Optional[Tuple[float, float]] = None,
+           skip_cache: Optional[SkipCacheConfig] = None,
+           generator: Optional[torch.Generator] = None) -> SampleResult:
+    """Generate from standard-normal noise [B, C, H, W] and labels y [B] on the grid `sigmas`.
+
+    sampler: 'heun', 'euler', 'ddim' (= euler) or 'ddpm' (ancestral; uses `generator`).
+    Pair 'heun' / 'euler' with karras_sigmas and 'ddpm' / 'ddim' with ddpm_sigmas as a rule;
+    any decreasing grid ending in 0 works with any sampler.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0 or bool((sigmas[1:] >= sigmas[:-1]).any()):
+        raise ValueError("sigmas must be a 1-D decreasing grid ending with 0")
+    model = GuidedModel(denoiser, y, guidance_scale, guidance_interval, skip_cache)
+    x = SAMPLERS[sampler](model, noise * float(sigmas[0]), sigmas, generator=generator)
+    blocks = model.cache.blocks_run if model.cache is not None else None
+    return SampleResult(x, model.full_steps, model.cached_steps, blocks)
