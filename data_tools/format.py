@@ -1,0 +1,301 @@
+"""The latent shard format, shared by the writer (data_tools.encode) and the reader (trainer.data).
+
+A dataset is a directory of uncompressed tar shards plus ``manifest.json``. Each sample is a
+group of tar members ``<key>.<field>`` whose key has no dot (WebDataset ends a key at the first dot
+of the base name, so a dotted key would merge samples):
+
+- ``latent.npy``: float16 array ``[K, C, H, W]``; ``K`` indexes the stored posterior moments
+  (``["mean", "std"]`` for a VAE, ``["mean"]`` for deterministic encoders such as ``pixels``).
+- ``latent_flip.npy``: the same for the horizontally flipped image (only when the manifest says
+  ``has_flip``).
+- ``cls``: the class index as ASCII text.
+- ``json``: small metadata (source index and name), never needed for training.
+
+Everything is plain ``.npy`` (``allow_pickle=False``), text or JSON: reading a shard never
+executes code. The manifest is written last and atomically, so its presence means every shard
+it lists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+FORMAT_NAME = "mdt-latents"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LATENT_FIELD = "latent.npy"
+FLIP_FIELD = "latent_flip.npy"
+CLS_FIELD = "cls"
+META_FIELD = "json"
+LATENT_DTYPE = "float16"
+MOMENTS_VAE = ("mean", "std")
+MOMENTS_DETERMINISTIC = ("mean",)
+SD_VAE_SCALING_FACTOR = 0.18215
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class DataToolsError(Exception):
+    """A user-facing error: the message is one line that names the culprit (no traceback)."""
+
+
+def make_key(index: int) -> str:
+    """Return the dot-free sample key for a source index (zero padded so keys sort by index)."""
+    return f"s{index:09d}"
+
+
+def check_key(key: str) -> None:
+    """Raise ValueError unless ``key`` is a valid sample key (no dots, no slashes)."""
+    if not _KEY_OK.match(key):
+        raise ValueError(f"sample key {key!r} must match [A-Za-z0-9_-]+ (a dot would split it)")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Split a tar member name into (key, field) the way WebDataset does: the key ends at the
+    first dot of the base name."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """Serialise an array as ``.npy`` bytes (never pickled)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    """Parse ``.npy`` bytes; object arrays are refused because they would need pickle."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """What every stored latent looks like.
+
+    shape: per-moment latent shape ``[C, H, W]``.
+    moments: names of the stacked moments, e.g. ``("mean", "std")``.
+    dtype: numpy dtype name of the stored arrays.
+    """
+
+    shape: tuple[int, int, int]
+    moments: tuple[str, ...] = MOMENTS_VAE
+    dtype: str = LATENT_DTYPE
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of one stored ``latent.npy``: ``[K, C, H, W]``."""
+        return (len(self.moments), *self.shape)
+
+    def check(self, array: np.ndarray) -> str | None:
+        """Return why ``array`` does not fit this spec, or None when it does."""
+        if array.dtype != np.dtype(self.dtype):
+            return f"dtype {array.dtype} != {self.dtype}"
+        if tuple(array.shape) != self.stored_shape:
+            return f"shape {tuple(array.shape)} != {self.stored_shape}"
+        return None
+
+
+class FastArrayDecoder:
+    """Decodes ``.npy`` bytes of one known shape/dtype without re-parsing the header.
+
+    Every latent of a dataset has byte-identical ``.npy`` headers, so comparing the header bytes
+    checks shape and dtype at once; anything else falls back to ``np.load`` plus a check.
+    """
+
+    def __init__(self, spec: LatentSpec):
+        """Precompute the expected header for ``spec``."""
+        self.spec = spec
+        probe = encode_array(np.zeros(spec.stored_shape, dtype=spec.dtype))
+        self.nbytes = int(np.prod(spec.stored_shape)) * np.dtype(spec.dtype).itemsize
+        self.header = probe[: len(probe) - self.nbytes]
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        """Return the array or raise ValueError naming what is wrong."""
+        if len(data) == len(self.header) + self.nbytes and data.startswith(self.header):
+            flat = np.frombuffer(data, dtype=self.spec.dtype, offset=len(self.header))
+            return flat.reshape(self.spec.stored_shape)
+        try:
+            array = decode_array(data)
+        except Exception as exc:  # np.load raises several types for damaged bytes
+            raise ValueError(f"unreadable npy ({type(exc).__name__}: {exc})") from None
+        problem = self.spec.check(array)
+        if problem:
+            raise ValueError(problem)
+        return array
+
+
+def encode_sample(key: str, latent: np.ndarray, label: int, meta: dict[str, Any] | None = None,
+                  flipped: np.ndarray | None = None) -> dict[str, Any]:
+    """Build the dict that webdataset's TarWriter stores (all values already bytes)."""
+    check_key(key)
+    sample: dict[str, Any] = {
+        "__key__": key,
+        LATENT_FIELD: encode_array(latent),
+        CLS_FIELD: str(int(label)).encode("ascii"),
+    }
+    if flipped is not None:
+        sample[FLIP_FIELD] = encode_array(flipped)
+    if meta is not None:
+        sample[META_FIELD] = json.dumps(meta, sort_keys=True).encode("utf-8")
+    return sample
+
+
+def iter_tar_samples(stream: IO[bytes], fields: frozenset[str] | None = None
+                     ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {field: bytes})`` from a tar stream, in stream order.
+
+    Only members whose field is in ``fields`` are read (others are skipped without copying);
+    ``None`` reads all. Damaged tar data raises (tarfile.ReadError, EOFError, OSError); the
+    caller decides whether that is fatal.
+    """
+    tar = tarfile.open(fileobj=stream, mode="r|")
+    key, group = None, {}
+    for info in tar:
+        # A stream-mode TarFile remembers every member; drop them so memory stays flat.
+        tar.members = []
+        if not info.isfile():
+            continue
+        member_key, name = split_member_name(info.name)
+        if member_key != key:
+            if key is not None:
+                yield key, group
+            key, group = member_key, {}
+        if fields is None or name in fields:
+            handle = tar.extractfile(info)
+            data = handle.read() if handle is not None else b""
+            if len(data) != info.size:
+                raise EOFError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
+            group[name] = data
+    if key is not None:
+        yield key, group
+
+
+@dataclass
+class ShardInfo:
+    """One shard as listed in the manifest."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    first_index: int = 0
+    end_index: int = 0
+
+
+@dataclass
+class Manifest:
+    """The dataset description written last as ``manifest.json``.
+
+    latent: the LatentSpec as a dict (shape, moments, dtype).
+    scaling_factor: multiply latents by this before training (0.18215 SD VAE, 1.0 pixels).
+    encoder: {"kind": "vae"|"pixels", "id": path or hub id}.
+    source: {"spec": ..., "num_images": ..., "class_names": [...] or None}.
+    """
+
+    latent: dict[str, Any]
+    scaling_factor: float
+    encoder: dict[str, Any]
+    source: dict[str, Any]
+    resolution: int
+    has_flip: bool
+    num_classes: int
+    num_samples: int
+    shards: list[ShardInfo]
+    settings: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    @property
+    def spec(self) -> LatentSpec:
+        """The LatentSpec every sample must match."""
+        return LatentSpec(tuple(self.latent["shape"]), tuple(self.latent["moments"]),
+                          self.latent["dtype"])
+
+    def to_json(self) -> str:
+        """Serialise deterministically (sorted keys) so reruns give identical manifests."""
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> "Manifest":
+        """Parse and validate a manifest dict; raise DataToolsError naming the bad key."""
+        if data.get("format") != FORMAT_NAME:
+            raise DataToolsError(f"{where}: not an {FORMAT_NAME} manifest (format={data.get('format')!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise DataToolsError(f"{where}: unsupported version {data.get('version')!r} (want {FORMAT_VERSION})")
+        try:
+            shards = [ShardInfo(**s) for s in data["shards"]]
+            kwargs = {k: data[k] for k in ("latent", "scaling_factor", "encoder", "source",
+                                           "resolution", "has_flip", "num_classes", "num_samples")}
+        except KeyError as exc:
+            raise DataToolsError(f"{where}: missing key {exc}") from None
+        except TypeError as exc:
+            raise DataToolsError(f"{where}: bad shard entry ({exc})") from None
+        manifest = cls(shards=shards, settings=data.get("settings", {}),
+                       fingerprint=data.get("fingerprint", ""), **kwargs)
+        total = sum(s.samples for s in shards)
+        if total != manifest.num_samples:
+            raise DataToolsError(f"{where}: num_samples {manifest.num_samples} != sum over shards {total}")
+        return manifest
+
+    @classmethod
+    def load(cls, path: str) -> "Manifest":
+        """Read a manifest from a local path or any URL webdataset's gopen understands."""
+        try:
+            if os.path.exists(path) or "://" not in path and not path.startswith("pipe:"):
+                with open(path, "rb") as handle:
+                    raw = handle.read()
+            else:
+                from webdataset.gopen import gopen
+                with gopen(path, "rb") as handle:
+                    raw = handle.read()
+            data = json.loads(raw)
+        except (OSError, ValueError) as exc:
+            raise DataToolsError(f"cannot read manifest {path}: {exc}") from None
+        return cls.from_dict(data, where=path)
+
+
+def find_manifest(path: str) -> str:
+    """Return the manifest path for a dataset directory or a manifest path."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise DataToolsError(f"no {MANIFEST_NAME} at {path} (encoding unfinished, or wrong directory?)")
+    return path
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` so readers see either the old file or the complete new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Atomically write ``obj`` as sorted JSON."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,262 @@
+"""Image sources for the encoder: an ImageFolder tree, tar shards of images, or built-in digits.
+
+Every source is indexable with a fixed order, so a slice of indices is all a parallel encoder
+process needs and a rerun sees the same images in the same places.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import tarfile
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from .format import DataToolsError, split_member_name
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
+TAR_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+
+
+class Source(Protocol):
+    """An indexable collection of labelled images."""
+
+    spec: str
+    class_names: list[str] | None
+
+    def __len__(self) -> int:
+        """Number of images."""
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (labels lie in [0, num_classes))."""
+
+    def load(self, index: int) -> tuple[Image.Image, int, str]:
+        """Return (image, label, name) for ``index``."""
+
+    def fingerprint(self) -> str:
+        """A short hash of the ordered contents list, so a changed source is detected on resume."""
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
+    """ADM-style preprocessing: RGB, box-downsample by 2 while still >= 2x the target, bicubic
+    resize of the short side to ``resolution``, then a centre crop. Returns uint8 HWC."""
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(max(resolution, round(s * scale)) for s in image.size),
+                         resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top = (array.shape[0] - resolution) // 2
+    left = (array.shape[1] - resolution) // 2
+    return np.array(array[top:top + resolution, left:left + resolution])  # writable copy
+
+
+def _hash_names(names: list[str]) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode("utf-8") + b"\n")
+    return digest.hexdigest()[:16]
+
+
+class FolderSource:
+    """One sub-folder per class (ImageNet's train/ layout); classes and files sorted by name."""
+
+    def __init__(self, root: str):
+        """Scan ``root``; raise DataToolsError when it has no class folders or no images."""
+        if not os.path.isdir(root):
+            raise DataToolsError(f"image folder {root} does not exist")
+        self.root = os.path.abspath(root)
+        self.spec = f"folder:{self.root}"
+        self.class_names = sorted(d.name for d in os.scandir(self.root) if d.is_dir())
+        if not self.class_names:
+            raise DataToolsError(f"image folder {root} has no class sub-folders (expected ROOT/CLASS/IMAGE)")
+        self.items: list[tuple[str, int]] = []
+        for label, name in enumerate(self.class_names):
+            for dirpath, _, files in sorted(os.walk(os.path.join(self.root, name))):
+                for fname in sorted(files):
+                    if fname.lower().endswith(IMAGE_EXTENSIONS):
+                        rel = os.path.relpath(os.path.join(dirpath, fname), self.root)
+                        self.items.append((rel, label))
+        if not self.items:
+            raise DataToolsError(f"image folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.items)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders."""
+        return len(self.class_names)
+
+    def load(self, index: int) -> tuple[Image.Image, int, str]:
+        """Open the image file (decoding happens here, in the loader worker)."""
+        rel, label = self.items[index]
+        with Image.open(os.path.join(self.root, rel)) as image:
+            image.load()
+            return image.copy(), label, rel
+
+    def fingerprint(self) -> str:
+        """Hash of the sorted relative paths and labels."""
+        return _hash_names([f"{rel}\t{label}" for rel, label in self.items])
+
+
+class TarImageSource:
+    """WebDataset-style tar shards of images: members ``KEY.jpg|png|...`` plus ``KEY.cls``.
+
+    The tars are indexed once (member headers only) and read by offset, which gives random
+    access for slicing across processes. Local files only.
+    """
+
+    def __init__(self, pattern: str):
+        """Expand ``pattern`` (braces and globs) and index every tar."""
+        import braceexpand
+
+        paths: list[str] = []
+        for part in braceexpand.braceexpand(pattern):
+            paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
+        if not paths:
+            raise DataToolsError(f"no tar files match {pattern}")
+        self.spec = f"tars:{pattern}"
+        self.class_names = None
+        self.items: list[tuple[str, int, int, int, str]] = []  # path, offset, size, label, key
+        for path in paths:
+            self._index(path)
+        if not self.items:
+            raise DataToolsError(f"tar files {pattern} contain no image+cls samples")
+        self._num_classes = max(item[3] for item in self.items) + 1
+
+    def _index(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise DataToolsError(f"tar file {path} does not exist")
+        images: dict[str, tuple[int, int]] = {}
+        labels: dict[str, int] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    key, field = split_member_name(info.name)
+                    if field.lower() in TAR_IMAGE_FIELDS:
+                        images[key] = (info.offset_data, info.size)
+                    elif field == "cls":
+                        text = tar.extractfile(info).read().decode("ascii").strip()
+                        labels[key] = int(text)
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            raise DataToolsError(f"cannot index tar file {path}: {exc}") from None
+        for key in sorted(images):
+            if key not in labels:
+                raise DataToolsError(f"tar file {path}: sample {key} has an image but no .cls")
+            self.items.append((path, *images[key], labels[key], key))
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.items)
+
+    @property
+    def num_classes(self) -> int:
+        """1 + the largest label seen."""
+        return self._num_classes
+
+    def load(self, index: int) -> tuple[Image.Image, int, str]:
+        """Read the image bytes at their recorded offset."""
+        path, offset, size, label, key = self.items[index]
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image, label, f"{os.path.basename(path)}:{key}"
+
+    def fingerprint(self) -> str:
+        """Hash of (tar name, key, size, label) for every sample."""
+        return _hash_names([f"{os.path.basename(p)}\t{k}\t{s}\t{lab}" for p, _, s, lab, k in self.items])
+
+
+class DigitsSource:
+    """scikit-learn's bundled UCI handwritten digits (1797 grey 8x8 images, 10 classes)."""
+
+    def __init__(self) -> None:
+        """Load the arrays shipped inside scikit-learn (no download)."""
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        # Pixel values are 0..16 counts; stretch to 0..255 grey levels.
+        self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        self.labels = digits.target.astype(np.int64)
+        self.spec = "digits"
+        self.class_names = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        """Ten digit classes."""
+        return 10
+
+    def load(self, index: int) -> tuple[Image.Image, int, str]:
+        """An 8x8 greyscale image; preprocessing upsamples it and makes it RGB."""
+        return Image.fromarray(self.images[index], mode="L"), int(self.labels[index]), f"digits/{index}"
+
+    def fingerprint(self) -> str:
+        """Hash of the pixel data and labels."""
+        return hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()[:16]
+
+
+class SubsetSource:
+    """An evenly spaced subset of another source (``--limit``), covering all of its classes."""
+
+    def __init__(self, base: Source, limit: int):
+        """Keep ``limit`` images spread over ``base``."""
+        n = len(base)
+        self.base = base
+        self.indices = [i * n // limit for i in range(min(limit, n))]
+        self.spec = f"{base.spec}?limit={limit}"
+        self.class_names = base.class_names
+
+    def __len__(self) -> int:
+        """Number of kept images."""
+        return len(self.indices)
+
+    @property
+    def num_classes(self) -> int:
+        """Same classes as the base source."""
+        return self.base.num_classes
+
+    def load(self, index: int) -> tuple[Image.Image, int, str]:
+        """Load from the base source."""
+        return self.base.load(self.indices[index])
+
+    def fingerprint(self) -> str:
+        """Base fingerprint plus the limit."""
+        return f"{self.base.fingerprint()}:{len(self.indices)}"
+
+
+def open_source(spec: str, limit: int | None = None) -> Source:
+    """Open a source from its spec: ``digits``, ``folder:DIR`` (or a bare directory), or
+    ``tars:PATTERN`` (or a bare ``*.tar`` path / brace pattern)."""
+    if spec == "digits":
+        source: Source = DigitsSource()
+    elif spec.startswith("folder:"):
+        source = FolderSource(spec[len("folder:"):])
+    elif spec.startswith("tars:"):
+        source = TarImageSource(spec[len("tars:"):])
+    elif spec.endswith(".tar"):
+        source = TarImageSource(spec)
+    elif os.path.isdir(spec):
+        source = FolderSource(spec)
+    else:
+        raise DataToolsError(f"unknown source {spec!r}: use digits, folder:DIR or tars:PATTERN")
+    if limit is not None:
+        if limit < 1:
+            raise DataToolsError(f"--limit must be >= 1, got {limit}")
+        source = SubsetSource(source, limit)
+    return source
