@@ -1,0 +1,310 @@
+"""Streaming loader: latent shards -> ``(z [B, C, H, W] float32, y [B] long)`` batches.
+
+Shards are split by rank, then by DataLoader worker (each shard has exactly one reader). In the
+default resampled mode every reader cycles through its shards in fresh random orders forever and
+an epoch is a fixed number of steps (``epoch_samples // (world_size * batch_size)``), identical on
+every rank, so uneven shards can never make ranks disagree on the step count. Every random choice
+(shard order, shuffle buffer, flip, posterior noise) comes from
+``SeedSequence([seed, rank, worker, position])`` where position is the rank's samples consumed at
+the start of the pass: a run resumed from ``state_dict()`` follows the same path as one that never
+stopped from the next epoch boundary on, and a deterministic one before that.
+
+Bad input (unreadable or truncated shard, missing field, wrong shape or dtype, bad label) is
+skipped with a warning naming shard and key and counted in ``LatentLoader.skipped``; batches
+keep their shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_tools.format import (CLS_FIELD, FLIP_FIELD, LATENT_FIELD, MANIFEST_NAME, DataToolsError,
+                               FastArrayDecoder, Manifest, iter_tar_samples)
+
+log = logging.getLogger(__name__)
+_READ_FIELDS = frozenset([LATENT_FIELD, FLIP_FIELD, CLS_FIELD])
+
+
+@dataclass
+class LoaderOptions:
+    """Options of the latent stream (all per rank unless said otherwise)."""
+
+    batch_size: int
+    """Samples per batch on this rank."""
+    num_workers: int = 2
+    """DataLoader worker processes (0: read in the main process)."""
+    seed: int = 0
+    """Base seed; combined with rank, worker and position."""
+    resampled: bool = True
+    """Infinite resampled stream with fixed-size epochs (training); False: each sample exactly
+    once per epoch (evaluation; ranks may then see different batch counts)."""
+    epoch_samples: int | None = None
+    """Samples per epoch over all ranks (resampled mode); default: the manifest's sample count."""
+    shuffle_buffer: int = 1000
+    """Samples held per worker for shuffling (0 or 1: no shuffling beyond shard order)."""
+    hflip: bool = True
+    """Use the flipped latent with probability 1/2 when the dataset has one."""
+    sample_posterior: bool = True
+    """z = mean + std * eps; False: z = mean."""
+    scaling_factor: float | None = None
+    """Override the manifest's scaling factor."""
+    drop_last: bool = False
+    """Non-resampled mode: drop each worker's last partial batch."""
+    pin_memory: bool | None = None
+    """Pin host memory; default: on when the accelerator is not the CPU."""
+    manifest: str | None = None
+    """Manifest path or URL when ``shards`` is a pattern whose directory has none."""
+    return_keys: bool = False
+    """Yield (z, y, keys) instead of (z, y); for tests and evaluation."""
+    max_warnings: int = 20
+    """Warnings logged per worker before they are only counted."""
+
+
+def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tuple[list[str], Manifest]:
+    """Shard URLs and the manifest for a dataset directory, a manifest path, a brace pattern /
+    ``::``-joined list / ``pipe:`` URL, or a list of those."""
+    from webdataset.shardlists import expand_urls
+
+    if isinstance(shards, str) and (shards.endswith(".json") or os.path.isdir(shards)):
+        path = os.path.join(shards, MANIFEST_NAME) if os.path.isdir(shards) else shards
+        man = Manifest.load(path)
+        root = os.path.dirname(path)
+        return [os.path.join(root, s.name) for s in man.shards], man
+    urls = [u for item in ([shards] if isinstance(shards, str) else shards) for u in expand_urls(item)]
+    if manifest is None and urls and os.path.isfile(urls[0]):
+        manifest = os.path.join(os.path.dirname(urls[0]), MANIFEST_NAME)
+    if manifest is None or (not os.path.exists(manifest) and "://" not in manifest
+                            and not manifest.startswith("pipe:")):
+        raise DataToolsError(f"no manifest for shards {str(shards)[:120]}: pass manifest=PATH "
+                             "(it gives latent shape, scaling factor and classes)")
+    return urls, Manifest.load(manifest)
+
+
+class _ShardStream(IterableDataset):
+    """One pass of a rank's readers; each DataLoader worker builds its own batches."""
+
+    def __init__(self, urls: list[str], man: Manifest, opts: LoaderOptions, rank: int,
+                 position: int, steps: int | None):
+        super().__init__()
+        self.urls, self.opts, self.rank, self.position, self.steps = urls, opts, rank, position, steps
+        self.spec, self.num_classes = man.spec, man.num_classes
+        self.use_flip = opts.hflip and man.has_flip
+        self.scale = float(opts.scaling_factor if opts.scaling_factor is not None else man.scaling_factor)
+        self.skipped, self.warned = 0, 0
+
+    def _skip(self, url: str, key: str, reason: str) -> None:
+        self.skipped += 1
+        if self.warned < self.opts.max_warnings:
+            self.warned += 1
+            log.warning("skipped %s in %s: %s", key, url, reason)
+            if self.warned == self.opts.max_warnings:
+                log.warning("further bad-input warnings of this worker are only counted")
+
+    def _read(self, url: str) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        from webdataset.gopen import gopen
+
+        last = None
+        try:
+            with gopen(url, "rb") as stream:
+                for key, fields in iter_tar_samples(stream, _READ_FIELDS):
+                    last = key
+                    yield url, key, fields
+        except Exception as exc:  # damaged/truncated/missing shard: many exception types
+            where = f"rest of shard after key {last}" if last else "whole shard"
+            self._skip(url, where, f"unreadable ({type(exc).__name__}: {exc})")
+
+    def _samples(self, urls: list[str], rng: np.random.Generator) -> Iterator[tuple[str, str, dict]]:
+        while True:
+            good = 0
+            for i in rng.permutation(len(urls)):
+                for item in self._read(urls[i]):
+                    good += 1
+                    yield item
+            if not self.opts.resampled:
+                return
+            if good == 0:
+                raise RuntimeError(f"rank {self.rank}: none of its {len(urls)} shards has a readable sample")
+
+    def _shuffled(self, items: Iterator, rnd: random.Random) -> Iterator:
+        size = self.opts.shuffle_buffer
+        if size <= 1:
+            yield from items
+            return
+        buf: list = []
+        for item in items:
+            if len(buf) < size:
+                buf.append(item)
+                continue
+            i = rnd.randrange(size)
+            buf[i], item = item, buf[i]
+            yield item
+        rnd.shuffle(buf)
+        yield from buf
+
+    def _decode(self, url: str, key: str, fields: dict[str, bytes], flip: bool,
+                decode: FastArrayDecoder) -> tuple[np.ndarray, int] | None:
+        name = FLIP_FIELD if flip else LATENT_FIELD
+        try:
+            latent = decode(fields[name])
+            label = int(fields[CLS_FIELD])
+        except KeyError as exc:
+            return self._skip(url, key, f"missing field {exc.args[0]}")
+        except ValueError as exc:
+            return self._skip(url, key, f"{name}/{CLS_FIELD}: {exc}")
+        if not 0 <= label < self.num_classes:
+            return self._skip(url, key, f"cls {label} outside 0..{self.num_classes - 1}")
+        return latent, label
+
+    def _batch(self, arrays: list[np.ndarray], labels: list[int], gen: torch.Generator) -> torch.Tensor:
+        moments = torch.from_numpy(np.stack(arrays)).float()  # [B, K, C, H, W]
+        z = moments[:, 0]
+        if moments.shape[1] > 1 and self.opts.sample_posterior:
+            z = z + moments[:, 1] * torch.randn(z.shape, generator=gen)
+        return z.mul_(self.scale)
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        seeds = np.random.SeedSequence([self.opts.seed, self.rank, worker, self.position])
+        rng = np.random.default_rng(seeds)
+        rnd = random.Random(int(rng.integers(2**63)))
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        quota = None if self.steps is None else max(0, (self.steps - worker + workers - 1) // workers)
+        if quota == 0:
+            return
+        decode, bs = FastArrayDecoder(self.spec), self.opts.batch_size
+        arrays, labels, keys, made = [], [], [], 0
+        for url, key, fields in self._shuffled(self._samples(self.urls[worker::workers], rng), rnd):
+            got = self._decode(url, key, fields, self.use_flip and rnd.random() < 0.5, decode)
+            if got is None:
+                continue
+            arrays.append(got[0])
+            labels.append(got[1])
+            keys.append(key)
+            if len(arrays) == bs:
+                yield self._emit(arrays, labels, keys, gen, worker)
+                arrays, labels, keys, made = [], [], [], made + 1
+                if quota is not None and made >= quota:
+                    return
+        if arrays and not self.opts.drop_last:
+            yield self._emit(arrays, labels, keys, gen, worker)
+
+    def _emit(self, arrays, labels, keys, gen, worker) -> tuple:
+        # The worker's cumulative skip count rides along so the main process can sum it.
+        out = (self._batch(arrays, labels, gen), torch.tensor(labels, dtype=torch.long), worker, self.skipped)
+        return out + (list(keys),) if self.opts.return_keys else out
+
+
+class LatentLoader:
+    """Iterable over one epoch of ``(z, y)`` batches from the current position; see module doc.
+
+    ``skipped`` counts bad samples and unreadable shard parts; ``state_dict()`` /
+    ``load_state_dict()`` carry the position for resuming; ``batches()`` never ends.
+    """
+
+    def __init__(self, urls: list[str], manifest: Manifest, rank: int, world_size: int, opts: LoaderOptions):
+        """Split shards and check that every rank and worker has at least one."""
+        if opts.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {opts.batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        readers = world_size * max(1, opts.num_workers)
+        if len(urls) < readers:
+            raise ValueError(f"{len(urls)} shards < {world_size} ranks x {max(1, opts.num_workers)} workers"
+                             f" = {readers} readers: use fewer workers or re-encode with smaller --shard-size")
+        self.manifest, self.opts, self.rank, self.world_size = manifest, opts, rank, world_size
+        self.urls = urls[rank::world_size]
+        self.steps_per_epoch: int | None = None
+        if opts.resampled:
+            epoch = opts.epoch_samples if opts.epoch_samples is not None else manifest.num_samples
+            self.steps_per_epoch = epoch // (world_size * opts.batch_size)
+            if self.steps_per_epoch < 1:
+                raise ValueError(f"epoch of {epoch} samples < one step of {world_size} x {opts.batch_size}")
+        self.samples_seen, self.epoch, self.batches_in_epoch, self._skipped = 0, 0, 0, 0
+        self._live = 0
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples / shard parts skipped by this rank so far (all workers)."""
+        return self._skipped + self._live
+
+    def __len__(self) -> int:
+        """Steps per epoch (resampled mode only)."""
+        if self.steps_per_epoch is None:
+            raise TypeError("non-resampled LatentLoader has no fixed length")
+        return self.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position to store in a checkpoint."""
+        return dict(samples_seen=self.samples_seen, epoch=self.epoch,
+                    batches_in_epoch=self.batches_in_epoch, skipped=self.skipped)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by ``state_dict()``."""
+        self.samples_seen = int(state["samples_seen"])
+        self.epoch = int(state.get("epoch", 0))
+        self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
+        self._skipped, self._live = int(state.get("skipped", 0)), 0
+
+    def _pin(self) -> bool:
+        if self.opts.pin_memory is not None:
+            return self.opts.pin_memory
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().device_name() != "cpu"
+
+    def __iter__(self) -> Iterator[tuple]:
+        """Yield the rest of the current epoch, then advance the epoch counter."""
+        opts = self.opts
+        if opts.resampled:
+            steps = self.steps_per_epoch - self.batches_in_epoch
+            dataset = _ShardStream(self.urls, self.manifest, opts, self.rank, self.samples_seen, steps)
+            replay = 0
+        else:
+            # Exact resume in a finite epoch: replay the epoch's deterministic order, drop what was seen.
+            dataset = _ShardStream(self.urls, self.manifest, opts, self.rank, self.epoch, None)
+            replay = self.batches_in_epoch
+        if opts.num_workers > 0:
+            source = DataLoader(dataset, batch_size=None, num_workers=opts.num_workers,
+                                pin_memory=self._pin(), persistent_workers=False)
+        else:
+            source = dataset
+        latest: dict[int, int] = {}
+        base: dict[int, int] = {}
+        try:
+            for i, (z, y, worker, skipped, *keys) in enumerate(source):
+                latest[worker] = skipped
+                if i < replay:
+                    base[worker] = skipped  # counted before the checkpoint
+                    continue
+                self._live = sum(latest[w] - base.get(w, 0) for w in latest)
+                self.samples_seen += len(y)
+                self.batches_in_epoch += 1
+                yield (z, y, keys[0]) if keys else (z, y)
+            self.epoch += 1
+            self.batches_in_epoch = 0
+        finally:
+            self._skipped += sum(latest[w] - base.get(w, 0) for w in latest)
+            self._live = 0
+
+    def batches(self) -> Iterator[tuple]:
+        """Endless batches across epochs (for step-based training loops)."""
+        while True:
+            yield from self
+
+
+def build_latent_loader(shards: str | list[str], batch_size: int, rank: int = 0, world_size: int = 1,
+                        **options: Any) -> LatentLoader:
+    """The loader the trainer calls: ``shards`` is a dataset directory, manifest path, brace
+    pattern, ``pipe:`` URL or list; ``options`` are LoaderOptions fields."""
+    opts = LoaderOptions(batch_size=batch_size, **options)
+    urls, manifest = resolve_shards(shards, opts.manifest)
+    return LatentLoader(urls, manifest, rank, world_size, opts)
