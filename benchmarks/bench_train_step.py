@@ -1,0 +1,112 @@
+"""Training-step throughput and MFU of registry models on this machine (forward + loss + backward + AdamW).
+
+Prints, for each model: step time, images/s, model FLOPs per step (counted by model_zoo.flops),
+achieved TFLOP/s and MFU against the bf16 matmul peak measured in the same run, and the speed-up
+of every model over the first one. Models are timed in interleaved rounds so that drift in the
+machine's speed hits all of them alike.
+
+    python benchmarks/bench_train_step.py --models DiT-S/2 MaskDiT-S/2 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from model_zoo.flops import count_flops
+from model_zoo.registry import build_model
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 8) -> float:
+    """Best observed FLOP/s of a square matmul: the practical peak MFU is measured against."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class StepRunner:
+    """One model, its optimiser and a fixed batch; step() runs one full training step."""
+
+    def __init__(self, name: str, batch: int, input_size: int, mask_ratio: float, dtype: torch.dtype):
+        self.name = name
+        self.model = build_model(name, input_size=input_size, num_classes=1000)
+        self.mask_ratio = mask_ratio if name.startswith("MaskDiT") else 0.0
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0)
+        c = self.model.in_channels
+        self.x = torch.randn(batch, c, input_size, input_size)
+        self.t = torch.rand(batch)
+        self.y = torch.randint(0, 1000, (batch,))
+        self.autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.flops = count_flops(self.model, batch, self.mask_ratio, backward=True)
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        """Forward, MSE loss against the clean latent, backward, optimiser step."""
+        with self.autocast:
+            out = self.model(self.x, self.t, self.y, mask_ratio=self.mask_ratio).sample
+        loss = (out[:, : self.x.shape[1]].float() - self.x).square().mean()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed(self, steps: int) -> None:
+        """Time `steps` steps and record the mean step time of this round."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.times.append((time.perf_counter() - start) / steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-S/2", "MaskDiT-S/2"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256px)")
+    parser.add_argument("--mask-ratio", type=float, default=0.5)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    peak = matmul_peak(dtype)
+    runners = [StepRunner(n, args.batch, args.input_size, args.mask_ratio, dtype) for n in args.models]
+    for r in runners:  # warm-up: allocator, oneDNN kernel selection
+        r.timed(2)
+        r.times.clear()
+    for _ in range(args.rounds):
+        for r in runners:
+            r.timed(args.steps)
+    peak = max(peak, matmul_peak(dtype))
+
+    print(f"threads={args.threads} dtype={args.dtype} batch={args.batch} latent=4x{args.input_size}x{args.input_size} "
+          f"mask_ratio={args.mask_ratio} rounds={args.rounds}x{args.steps} steps")
+    print(f"measured {args.dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s")
+    header = f"| {'model':<14} | step ms (median) | img/s | GFLOP/step | TFLOP/s | MFU | speed-up vs {runners[0].name} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    base = statistics.median(runners[0].times)
+    for r in runners:
+        t = statistics.median(r.times)
+        achieved = r.flops / t
+        label = r.name + (f" r={r.mask_ratio}" if r.mask_ratio else "")
+        print(f"| {label:<14} | {t * 1e3:16.1f} | {args.batch / t:5.1f} | {r.flops / 1e9:10.1f} | "
+              f"{achieved / 1e12:7.3f} | {achieved / peak:4.0%} | {base / t:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
