@@ -4,7 +4,7 @@ A small skip-branch network (default: DiT-S/2 narrowed to width 192, latent 4 x 
 trained briefly on synthetic class-structured latents so that its blocks do real work (an untrained
 DiT is the identity with a zero output, and any cache would look free), then sampled with
 250 ancestral DDPM steps (linear schedule, respaced) and 50 EDM Heun steps, each without cache and
-with Skip-Cache N = 2, 3. Prints evaluations, blocks run, wall time, speedup over no cache and the
+with Skip-Cache N = 2, 3 (settings interleaved, best of --repeats). Prints evaluations, blocks run, wall time, speedup over no cache and the
 relative L2 difference of the final latents to the uncached run (same noise, same seeds).
 
     .venv/bin/python benchmarks/bench_skip_cache.py            # defaults, a few minutes on 2 cores
@@ -51,19 +51,15 @@ def train_briefly(den: Denoiser, steps: int, batch: int, num_classes: int, g: to
         loss.backward()
         opt.step()
     net.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
-def run(den: Denoiser, noise, y, sampler: str, sigmas, cfg_scale: float, cache: Optional[SkipCacheConfig],
-        repeats: int):
-    """Best-of-`repeats` wall time of one sampling run and its result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = sample(den, noise, y, sigmas, sampler=sampler, guidance_scale=cfg_scale, skip_cache=cache,
-                        generator=torch.Generator().manual_seed(7))
-        best = min(best, time.perf_counter() - start)
-    return best, result
+def timed(den: Denoiser, noise, y, sampler: str, sigmas, cfg_scale: float, cache: Optional[SkipCacheConfig]):
+    """Wall time of one sampling run and its result (fixed seeds, so every repeat is identical)."""
+    start = time.perf_counter()
+    result = sample(den, noise, y, sigmas, sampler=sampler, guidance_scale=cfg_scale, skip_cache=cache,
+                    generator=torch.Generator().manual_seed(7))
+    return time.perf_counter() - start, result
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -81,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--ddpm-steps", type=int, default=250)
     ap.add_argument("--heun-steps", type=int, default=50)
     ap.add_argument("--train-steps", type=int, default=100, help="0: randomised weights instead")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best time counts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -104,18 +100,22 @@ def main(argv: Optional[List[str]] = None) -> None:
              ("heun", args.heun_steps, karras_sigmas(args.heun_steps))]
     print("| sampler | steps | Skip-Cache | full / cached evals | blocks run | time (s) | speedup | rel. L2 vs no cache |")
     print("|---|---|---|---|---|---|---|---|")
+    settings = [None] + [SkipCacheConfig(interval=n, n_keep=args.n_keep) for n in args.intervals]
+    timed(den, noise, y, "euler", karras_sigmas(2), args.cfg, settings[-1])  # warm-up: first calls are slow
     for sampler, steps, sigmas in grids:
-        base_time, base = run(den, noise, y, sampler, sigmas, args.cfg, None, args.repeats)
-        blocks = (base.full_steps + base.cached_steps) * args.depth
-        print(f"| {sampler} | {steps} | none | {base.full_steps} / 0 | {blocks} | {base_time:.1f} | 1.00x | 0 |",
-              flush=True)
-        for n in args.intervals:
-            cache = SkipCacheConfig(interval=n, n_keep=args.n_keep)
-            t, res = run(den, noise, y, sampler, sigmas, args.cfg, cache, args.repeats)
+        best = [float("inf")] * len(settings)
+        results = [None] * len(settings)
+        for _ in range(args.repeats):  # interleaved, best of: other load on the machine hits all settings
+            for i, cache in enumerate(settings):
+                t, results[i] = timed(den, noise, y, sampler, sigmas, args.cfg, cache)
+                best[i] = min(best[i], t)
+        base = results[0]
+        for cache, t, res in zip(settings, best, results):
+            name = "none" if cache is None else f"N={cache.interval}, n={cache.n_keep}"
+            blocks = res.blocks_run if cache is not None else res.full_steps * args.depth
             rel = float((res.x - base.x).norm() / base.x.norm())
-            print(f"| {sampler} | {steps} | N={n}, n={args.n_keep} | {res.full_steps} / {res.cached_steps} | "
-                  f"{res.blocks_run} | {t:.1f} | {base_time / t:.2f}x | {rel:.4f} |", flush=True)
-
+            print(f"| {sampler} | {steps} | {name} | {res.full_steps} / {res.cached_steps} | {blocks} | "
+                  f"{t:.1f} | {best[0] / t:.2f}x | {rel:.4f} |", flush=True)
 
 if __name__ == "__main__":
     main()

