@@ -65,6 +65,10 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size), persistent=False)
         self.blocks = BlockStack(depth, hidden_size, num_heads, mlp_ratio, skip)
         self._build_head(num_heads, mlp_ratio)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """(Re)apply DiT's initialisation; under ZeRO-3 call it inside GatheredParameters."""
         init_dit_weights(self)
 
     def _build_head(self, num_heads: int, mlp_ratio: float) -> None:
@@ -86,6 +90,8 @@ class DiT(nn.Module):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        # Inputs follow the weights' dtype, so a bf16 / fp16 engine can be fed float32 latents.
+        x = x.to(self.x_embedder.proj.weight.dtype)
         tokens = self.x_embedder(x) + self.pos_embed.to(x.device, x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, c

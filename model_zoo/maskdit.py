@@ -51,6 +51,10 @@ class MaskDiT(DiT):
         self.decoder = BlockStack(self.decoder_depth, width, self.decoder_num_heads, mlp_ratio, skip=False,
                                   cond_dim=self.hidden_size)
         self.final_layer = FinalLayer(width, self.patch_size, self.out_channels, cond_dim=self.hidden_size)
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation plus MAE's small normal init of the mask token."""
+        super().initialize_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
     def set_checkpointing(self, mode: str, offload: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Shared test helpers."""
+"""Shared test fixtures."""
 
 import os
 
@@ -12,3 +12,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits8(tmp_path_factory) -> str:
+    """scikit-learn's digits as 3x8x8 pixel 'latents' in 18 shards (made once per session)."""
+    from data_tools.cli import main
+
+    out = tmp_path_factory.mktemp("digits8")
+    assert main(["encode", "--source", "digits", "--out", str(out), "--resolution", "8", "--encoder", "pixels",
+                 "--shard-size", "100", "--quiet"]) == 0
+    return str(out)

@@ -1,0 +1,99 @@
+"""Launch 2-rank CPU training runs through the real `deepspeed` launcher for tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^step (\d+)/\d+ \| (\S*) r=([\d.]+) \| loss ([\d.eE+-]+|nan|inf)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config(shards: str, out_dir: str, **sections) -> Dict:
+    """A config for a tiny MaskDiT on 3x8x8 digits; keyword sections update the defaults."""
+    cfg = {
+        "run": {"name": "t", "output_dir": out_dir, "seed": 3, "total_steps": 20},
+        "model": {"name": "MaskDiT-S/2", "skip": True,
+                  "options": {"hidden_size": 32, "depth": 2, "num_heads": 2, "decoder_depth": 1,
+                              "decoder_hidden_size": 16, "decoder_num_heads": 2}},
+        "data": {"shards": shards, "batch_size": 16, "micro_batch_size": 8, "num_workers": 1, "shuffle_buffer": 50},
+        "optim": {"lr": 2e-3, "torch_adam": True, "warmup_steps": 2},
+        "phases": {"mask_ratio": 0.5},
+        "ema": {"decay": 0.99},
+        "checkpoint": {"every": 10, "keep_last": 5},
+        "monitor": {"log_every": 5, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 4},
+        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def write_config(cfg: Dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    return e
+
+
+def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None, launcher_args: Optional[List[str]] = None) -> List[str]:
+    """The same command a user types, with this interpreter's deepspeed runner."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *(launcher_args or ["--num_gpus", "2"]),
+            "--master_port", str(port), "--module", "trainer.cli", "--config", str(config), *(extra or [])]
+
+
+def run(cmd: List[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd: List[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """Start a launcher in its own process group (so it and its ranks can be killed together)."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.2)
+
+
+def losses(output: str) -> Dict[int, float]:
+    """step -> logged loss, from the rank-0 progress lines."""
+    out = {}
+    for line in output.splitlines():
+        m = STEP_LINE.match(line.split("] ", 1)[-1] if line.startswith("[") else line)
+        if m:
+            out[int(m.group(1))] = float(m.group(4))
+    return out

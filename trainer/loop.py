@@ -1,0 +1,198 @@
+"""The training loop: build, resume, step through the phase plan, log, checkpoint, always clean up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from model_zoo.flops import model_flops
+from model_zoo.registry import build_model
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, to_deepspeed_json
+from .data import build_latent_loader
+from .distributed import DistInfo, barrier, build_engine, replica_checksums, seed_step
+from .ema import EMA
+from .monitor import Monitor, measure_peak_flops
+from .phases import PhasePlan
+from .preview import decode_latents, make_grid, preview_grid, save_png
+from .task import TrainingModule, build_denoiser, build_network, model_kwargs
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on purpose (non-finite losses, a stop signal); the message says why."""
+
+
+@dataclass
+class RunState:
+    """Counters carried in checkpoints."""
+
+    step: int = 0
+    images_seen: int = 0
+    nonfinite_skipped: int = 0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+class FlopsPerImage:
+    """Training FLOPs (forward + backward) per image at a mask ratio, counted once per ratio."""
+
+    def __init__(self, name: str, kwargs: dict):
+        self.name, self.kwargs = name, {k: v for k, v in kwargs.items() if k != "class_dropout_prob"}
+        self._cache: Dict[float, float] = {}
+
+    def __call__(self, mask_ratio: float) -> float:
+        key = round(mask_ratio, 2)
+        if key not in self._cache:
+            self._cache[key] = float(model_flops(self.name, 1, key, backward=True, **self.kwargs))
+        return self._cache[key]
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT (e.g. Slurm preemption): save at the next step and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (tests)
+                pass
+
+    def _handle(self, *_):
+        self.requested = True
+
+
+def train(cfg: TrainConfig, dist_info: DistInfo) -> RunState:
+    """Run (or resume) the configured training; returns the final counters."""
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    run_dir = cfg.run.run_dir()
+    root = os.path.join(run_dir, "checkpoints")
+    d = cfg.data
+    loader = build_latent_loader(d.shards, d.micro_batch_size, rank, world, num_workers=d.num_workers,
+                                 seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer, hflip=d.hflip,
+                                 epoch_samples=d.epoch_samples, manifest=d.manifest)
+    manifest = loader.manifest
+    latent_shape = tuple(manifest.spec.shape)
+    kwargs = model_kwargs(cfg, latent_shape, manifest.num_classes)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg),
+                          to_deepspeed_json(cfg, world), rank, cfg.model.compile)
+    net = engine.module.net
+    ema = EMA(build_model(cfg.model.name, **kwargs).to(device), cfg.ema, d.batch_size)
+    ema.copy_from(net)
+    plan = PhasePlan(cfg.phases, cfg.run.total_steps, cfg.optim.warmup_steps)
+    flops = FlopsPerImage(cfg.model.name, kwargs)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+    peak = cfg.monitor.peak_tflops * 1e12 if cfg.monitor.peak_tflops else measure_peak_flops(device, dtype)
+    monitor = Monitor(cfg.monitor, run_dir, rank, cfg.run.total_steps, device, peak)
+    state = RunState()
+    try:
+        resume = ckpt.find_resume(root, cfg.checkpoint.resume)
+        if resume:
+            saved = ckpt.load(engine, ema, resume, rank)
+            if saved["world_size"] != world:
+                raise RunStopped(f"checkpoint {resume} was written by {saved['world_size']} ranks, this run has "
+                                 f"{world}: convert it to a universal checkpoint first (README: Resume)")
+            state = RunState(saved["step"], saved["images_seen"], saved["nonfinite_skipped"])
+            if saved["data"]:
+                loader.load_state_dict(saved["data"])
+            if rank == 0:
+                print(f"resumed from {resume} at step {state.step}", flush=True)
+        elif rank == 0:
+            monitor.text("config", f"```\n{cfg.to_dict()}\n```")
+            monitor.text("phase_plan", f"```\n{plan.table()}\n```")
+        _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape)
+        if rank == 0:
+            _preview(cfg, ema, manifest, latent_shape, device, monitor, state.step, run_dir)
+    finally:
+        monitor.close()
+    return state
+
+
+def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape) -> None:
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    accum = cfg.accumulation_steps(world)
+    stop = _StopFlag()
+    batches = loader.batches()
+    in_a_row = 0
+    while state.step < cfg.run.total_steps:
+        ps = plan.at(state.step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * ps.lr_scale
+        micro, attempt, data_wait = 0, 0, 0.0
+        while micro < accum:
+            start = time.perf_counter()
+            z, y = next(batches)
+            data_wait += time.perf_counter() - start
+            z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            seed_step(cfg.run.seed, rank, state.step, attempt)
+            attempt += 1
+            out = engine(z, y, ps.mask_ratio)
+            loss = out.loss.mean()
+            flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(stop.requested), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            bad, stop_now = flags.tolist()
+            if stop_now:
+                _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, None)
+                raise RunStopped(f"stop requested by signal at step {state.step}; checkpoint saved, rerun to resume")
+            if bad:
+                state.nonfinite_skipped += 1
+                in_a_row += 1
+                if rank == 0:
+                    print(f"warning: non-finite loss at step {state.step} (skipped, {in_a_row} in a row)", flush=True)
+                if in_a_row >= cfg.monitor.max_nonfinite:
+                    raise RunStopped(f"{in_a_row} non-finite losses in a row at step {state.step}: stopping; the last "
+                                     f"good checkpoint in {root} is intact (lower optim.lr or check the data)")
+                continue
+            in_a_row = 0
+            engine.backward(loss)
+            engine.step()
+            monitor.record(out)
+            micro += 1
+        state.step += 1
+        state.images_seen += cfg.data.batch_size
+        if state.step % cfg.ema.update_every == 0:
+            ema.update(engine.module.net, state.images_seen)
+        monitor.step_done(cfg.data.batch_size // world, flops(ps.mask_ratio) * cfg.data.batch_size // world, data_wait)
+        last = state.step == cfg.run.total_steps
+        if state.step % cfg.monitor.log_every == 0 or last:
+            norm = engine.get_global_grad_norm()
+            monitor.log(state.step, {"lr": cfg.optim.lr * ps.lr_scale, "mask_ratio": ps.mask_ratio,
+                                     "grad_norm": float(norm) if norm is not None else float("nan"),
+                                     "skipped_samples": float(loader.skipped),
+                                     "skipped_steps": float(state.nonfinite_skipped),
+                                     "phase_unmask": float(ps.phase != "masked")}, world, ps.phase)
+        if cfg.monitor.sample_every and state.step % cfg.monitor.sample_every == 0 and not last and rank == 0:
+            _preview(cfg, ema, loader.manifest, latent_shape, device, monitor, state.step, cfg.run.run_dir())
+        if ps.phase_end or state.step % cfg.checkpoint.every == 0 or last:
+            _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, ps.phase if ps.phase_end else None)
+
+
+def _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, phase_end: Optional[str]) -> None:
+    tag = ckpt.make_tag(state.step, phase_end)
+    sums = replica_checksums(engine.module.net)  # collective: every rank takes part
+    if rank == 0 and any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for s in sums for a, b in zip(s, sums[0])):
+        print(f"warning: data-parallel replicas hold different weights at step {state.step}: {sums}", flush=True)
+    payload = {"replica_checksums": sums, "step": state.step, "images_seen": state.images_seen, "nonfinite_skipped": state.nonfinite_skipped,
+               "world_size": world, "model_name": cfg.model.name, "model_kwargs": kwargs,
+               "ema_updates": ema.updates, "config": cfg.to_dict(), "phase_end": phase_end}
+    path = ckpt.save(engine, ema, root, tag, payload, loader.state_dict(), rank, barrier)
+    if rank == 0:
+        ckpt.rotate(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_phase_ends)
+        print(f"saved checkpoint {path}", flush=True)
+
+
+def _preview(cfg, ema, manifest, latent_shape, device, monitor, step, run_dir) -> str:
+    m = cfg.monitor
+    denoiser = build_denoiser(ema.module, cfg)
+    z = preview_grid(denoiser, m.sample_count, m.sample_steps, m.guidance_scale, latent_shape,
+                     manifest.num_classes, device, seed=cfg.run.seed)
+    grid = make_grid(decode_latents(z, manifest.scaling_factor, manifest.encoder))
+    monitor.image("samples/ema", grid, step)
+    return save_png(grid, os.path.join(run_dir, "samples", f"step{step:08d}.png"))

@@ -1,0 +1,167 @@
+"""Training metrics: accumulated on the device every step, reduced across ranks and written only on
+log steps (TensorBoard scalars, loss by noise level, a rank-0 progress line with ETA, MFU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from .config import MonitorConfig
+from .objective import LossOutput
+
+# Edges of the log-sigma buckets for "loss by noise level" (EDM's training range is ~0.002..80).
+SIGMA_EDGES = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def bucket_names() -> list:
+    """Human-readable bucket labels matching SIGMA_EDGES."""
+    edges = ("0",) + tuple(f"{e:g}" for e in SIGMA_EDGES) + ("inf",)
+    return [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
+
+
+def format_eta(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Monitor:
+    """Collects per-step losses without host syncs; `log()` reduces and writes them."""
+
+    def __init__(self, cfg: MonitorConfig, run_dir: str, rank: int, total_steps: int, device: torch.device,
+                 peak_flops: float, writer=None):
+        self.cfg = cfg
+        self.rank = rank
+        self.total_steps = total_steps
+        self.device = device
+        self.peak_flops = peak_flops
+        self.writer = writer
+        if writer is None and rank == 0 and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        self.tb_dir = os.path.join(run_dir, "tb")
+        self._edges = torch.tensor(SIGMA_EDGES, device=device)
+        self._reset()
+        self._window_start = time.perf_counter()
+
+    def _reset(self) -> None:
+        n = len(SIGMA_EDGES) + 1
+        # [loss, dsm, mae, samples] sums and per-bucket [sum, count]; one tensor -> one all_reduce.
+        self._sums = torch.zeros(4 + 2 * n, device=self.device, dtype=torch.float64)
+        self._data_wait = 0.0
+        self._steps = 0
+        self._flops = 0.0
+        self._images = 0
+
+    def record(self, out: LossOutput) -> None:
+        """Add one micro-batch's per-sample losses (stays on the device)."""
+        n = len(SIGMA_EDGES) + 1
+        loss = out.loss.detach().double()
+        idx = torch.bucketize(out.sigma.detach(), self._edges)
+        per_bucket = torch.zeros(n, device=self.device, dtype=torch.float64).index_add_(0, idx, loss)
+        counts = torch.bincount(idx, minlength=n).double()
+        head = torch.stack([loss.sum(), out.dsm.detach().double().sum(), out.mae.detach().double().sum(),
+                            torch.tensor(float(loss.numel()), device=self.device, dtype=torch.float64)])
+        self._sums += torch.cat([head, per_bucket, counts])
+
+    def step_done(self, images: int, flops: float, data_wait: float) -> None:
+        """Count a finished optimizer step (host-side numbers only)."""
+        self._steps += 1
+        self._images += images
+        self._flops += flops
+        self._data_wait += data_wait
+
+    def log(self, step: int, scalars: Dict[str, float], world_size: int, phase: str = "") -> Dict[str, float]:
+        """Reduce across ranks, write TensorBoard, print the progress line; returns the metrics."""
+        sums = self._sums.clone()
+        if world_size > 1:
+            dist.all_reduce(sums)
+        sums = sums.cpu().tolist()
+        n = len(SIGMA_EDGES) + 1
+        count = max(sums[3], 1.0)
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        metrics = {"loss": sums[0] / count, "loss_dsm": sums[1] / count, "loss_mae": sums[2] / count,
+                   "images_per_s": self._images * world_size / elapsed,
+                   "data_wait_share": self._data_wait / elapsed,
+                   "mfu": self._flops / elapsed / self.peak_flops if self.peak_flops else 0.0}
+        metrics.update(scalars)
+        metrics.update(_memory_metrics())
+        if self.rank == 0:
+            if self.writer is not None:
+                for key, value in metrics.items():
+                    self.writer.add_scalar(f"train/{key}", value, step)
+                for name, total, cnt in zip(bucket_names(), sums[4:4 + n], sums[4 + n:]):
+                    if cnt:
+                        self.writer.add_scalar(f"loss_by_sigma/{name}", total / cnt, step)
+                self.writer.flush()
+            self._print(step, metrics, elapsed, phase)
+        self._reset()
+        self._window_start = time.perf_counter()
+        return metrics
+
+    def _print(self, step: int, m: Dict[str, float], elapsed: float, phase: str) -> None:
+        rate = elapsed / max(1, self._steps)
+        eta = format_eta((self.total_steps - step) * rate)
+        line = (f"step {step}/{self.total_steps} | {phase} r={m.get('mask_ratio', 0):.2f} | "
+                f"loss {m['loss']:.4f} (dsm {m['loss_dsm']:.4f} mae {m['loss_mae']:.4f}) | "
+                f"lr {m.get('lr', 0):.2e} | gnorm {m.get('grad_norm', float('nan')):.3f} | "
+                f"{m['images_per_s']:.1f} img/s | MFU {m['mfu']:.1%} | data {m['data_wait_share']:.0%} | "
+                f"ETA {eta}")
+        print(line, flush=True, file=sys.stdout)
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        """Log a [3, H, W] image in [0, 1] to TensorBoard (rank 0)."""
+        if self.rank == 0 and self.writer is not None:
+            self.writer.add_image(tag, grid, step)
+            self.writer.flush()
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Log text (resolved config, phase plan) to TensorBoard (rank 0)."""
+        if self.rank == 0 and self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _memory_metrics() -> Dict[str, float]:
+    """Accelerator memory in use / peak (GiB), or the process's resident memory on CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        try:
+            import resource
+
+            return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        except (ImportError, OSError):
+            return {}
+    return {"mem_alloc_gib": acc.memory_allocated() / 2**30, "mem_peak_gib": acc.max_memory_allocated() / 2**30}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
+    """A quick estimate of the accelerator's matmul peak (FLOP/s) for MFU when none is configured."""
+    from deepspeed.accelerator import get_accelerator
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ a
+    get_accelerator().synchronize()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        get_accelerator().synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

@@ -1,0 +1,115 @@
+"""The training plan: a pure function step -> (mask ratio, lr scale, phase).
+
+Layout over run.total_steps = T with final_unmask_steps = F, unmask_every = K, unmask_steps = M:
+
+    [0, T - F)   masked training; inside it, the last M steps of every K-step block are a
+                 periodic unmask-tuning phase (mask ratio 0, lr x unmask_lr_scale)
+    [T - F, T)   final unmask tuning (mask ratio 0, lr x final_unmask_lr_scale)
+
+Masked steps follow the mask-ratio schedule (constant, linear or cosine from mask_ratio to
+end_mask_ratio over [0, T - F)). The lr warm-up multiplies every phase's scale. Being a pure
+function of the step, the plan resumes correctly in the middle of any phase.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from .config import PhasesConfig
+
+MASKED, UNMASK, FINAL = "masked", "unmask", "final_unmask"
+
+
+@dataclass(frozen=True)
+class PhaseState:
+    """What the plan says about one step (0-based)."""
+
+    mask_ratio: float
+    lr_scale: float
+    phase: str
+    phase_end: bool
+    """True on the last step of an unmask-tuning phase (a checkpoint is due after it)."""
+
+
+class PhasePlan:
+    """The plan for one run; `at(step)` is cheap and pure."""
+
+    def __init__(self, cfg: PhasesConfig, total_steps: int, warmup_steps: int = 0):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.masked_end = total_steps - cfg.final_unmask_steps
+
+    def _phase(self, step: int) -> Tuple[str, bool]:
+        c = self.cfg
+        if step >= self.masked_end:
+            return FINAL, step == self.total_steps - 1
+        if c.unmask_every and c.unmask_steps and step % c.unmask_every >= c.unmask_every - c.unmask_steps:
+            end = step % c.unmask_every == c.unmask_every - 1 or step == self.masked_end - 1
+            return UNMASK, end
+        return MASKED, False
+
+    def scheduled_ratio(self, step: int) -> float:
+        """Mask ratio of the schedule at this step (what a masked step uses)."""
+        c = self.cfg
+        if c.schedule == "constant" or c.end_mask_ratio is None:
+            return c.mask_ratio
+        frac = min(1.0, step / max(1, self.masked_end - 1))
+        if c.schedule == "linear":
+            w = frac
+        elif c.schedule == "cosine":
+            w = 0.5 * (1 - math.cos(math.pi * frac))
+        else:
+            raise ValueError(f"phases.schedule: unknown schedule {c.schedule!r}")
+        return c.mask_ratio + (c.end_mask_ratio - c.mask_ratio) * w
+
+    def at(self, step: int) -> PhaseState:
+        """Mask ratio, lr scale and phase of a step in [0, total_steps)."""
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} outside the plan of {self.total_steps} steps")
+        phase, end = self._phase(step)
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if phase == MASKED:
+            return PhaseState(self.scheduled_ratio(step), warm, phase, False)
+        scale = self.cfg.unmask_lr_scale if phase == UNMASK else self.cfg.final_unmask_lr_scale
+        return PhaseState(0.0, warm * scale, phase, end)
+
+    def segments(self) -> List[Tuple[int, int, str, float, float, float]]:
+        """Maximal runs of steps in one phase: (first, last, phase, ratio first, ratio last, lr scale).
+
+        The lr scale shown excludes the warm-up.
+        """
+        c = self.cfg
+        cuts = {0, self.masked_end, self.total_steps}
+        if c.unmask_every and c.unmask_steps:
+            for block in range(0, self.masked_end, c.unmask_every):
+                cuts.update({block, min(block + c.unmask_every - c.unmask_steps, self.masked_end)})
+        bounds = sorted(b for b in cuts if 0 <= b <= self.total_steps)
+        out = []
+        for first, stop in zip(bounds, bounds[1:]):
+            if stop <= first:
+                continue
+            phase, _ = self._phase(first)
+            a, b = self.at(first), self.at(stop - 1)
+            scale = 1.0 if phase == MASKED else (c.unmask_lr_scale if phase == UNMASK else c.final_unmask_lr_scale)
+            out.append((first, stop - 1, phase, a.mask_ratio, b.mask_ratio, scale))
+        return out
+
+    def table(self, max_rows: int = 12) -> str:
+        """Human-readable plan for --dry-run and the run log."""
+        rows = self.segments()
+        lines = [f"{'steps':>23}  {'phase':<13}{'mask ratio':>17}{'lr x':>7}"]
+        shown = rows if len(rows) <= max_rows else rows[: max_rows - 2] + [None] + rows[-1:]
+        for row in shown:
+            if row is None:
+                lines.append(f"{'...':>23}  ({len(rows) - max_rows + 1} more segments, the pattern repeats "
+                             f"every {self.cfg.unmask_every} steps)")
+                continue
+            first, last, phase, r0, r1, scale = row
+            ratio = f"{r0:.3f}" if abs(r0 - r1) < 1e-9 else f"{r0:.3f} -> {r1:.3f}"
+            lines.append(f"{first:>10} - {last:>10}  {phase:<13}{ratio:>17}{scale:>7.2f}")
+        if self.warmup_steps:
+            lines.append(f"lr warm-up: linear over the first {self.warmup_steps} steps")
+        return "\n".join(lines)
