@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .format import (FLIP_FIELD, LATENT_DTYPE, LATENT_FIELD, MANIFEST_NAME, DataToolsError, Manifest,
-                     ShardInfo, encode_sample, make_key, sha256_file, write_json_atomic, write_text_atomic)
+from .format import (FLIP_FIELD, LATENT_DTYPE, LATENT_FIELD, MANIFEST_NAME, TAR_WRITER_OPTIONS, DataToolsError,
+                     Manifest, ShardInfo, encode_sample, make_key, sha256_file, write_json_atomic, write_text_atomic)
 from .sources import Source, center_crop_resize, open_source
 from .vae import DEFAULT_VAE, build_encoder
 
@@ -199,10 +199,9 @@ class _PartWriter:
         self.out, self.meta, self.first, self.end = out, meta, first_index, first_index
         self.count, self.handle = 0, None
         pattern = os.path.join(out, f"{prefix}-p{part:04d}-%06d.tar")
-        # encoder=False: samples are already bytes; mtime=0 makes reruns byte-identical.
         self.writer = ShardWriter(pattern, maxcount=settings.shard_size, maxsize=settings.shard_bytes,
                                   post=self._post, start_shard=start_shard, verbose=0,
-                                  opener=self._open, encoder=False, mtime=0)
+                                  opener=self._open, **TAR_WRITER_OPTIONS)
 
     def _open(self, fname: str):
         self.handle = open(fname + ".tmp", "wb")

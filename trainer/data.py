@@ -98,7 +98,7 @@ class _ShardStream(IterableDataset):
         self.spec, self.num_classes = man.spec, man.num_classes
         self.use_flip = opts.hflip and man.has_flip
         self.scale = float(opts.scaling_factor if opts.scaling_factor is not None else man.scaling_factor)
-        self.skipped, self.warned = 0, 0
+        self.skipped, self.warned, self.reported = 0, 0, 0
 
     def _skip(self, url: str, key: str, reason: str) -> None:
         self.skipped += 1
@@ -151,24 +151,33 @@ class _ShardStream(IterableDataset):
 
     def _decode(self, url: str, key: str, fields: dict[str, bytes], flip: bool,
                 decode: FastArrayDecoder) -> tuple[np.ndarray, int] | None:
+        """The chosen latent and the label, or None (skipped and counted) when anything is off."""
         name = FLIP_FIELD if flip else LATENT_FIELD
-        try:
-            latent = decode(fields[name])
-            label = int(fields[CLS_FIELD])
-        except KeyError as exc:
-            return self._skip(url, key, f"missing field {exc.args[0]}")
-        except ValueError as exc:
-            return self._skip(url, key, f"{name}/{CLS_FIELD}: {exc}")
-        if not 0 <= label < self.num_classes:
-            return self._skip(url, key, f"cls {label} outside 0..{self.num_classes - 1}")
+        problem, latent, label = None, None, -1
+        if name not in fields or CLS_FIELD not in fields:
+            problem = f"missing field {name if name not in fields else CLS_FIELD}"
+        else:
+            try:
+                latent = decode(fields[name])
+            except ValueError as exc:
+                problem = f"{name}: {exc}"
+            text = fields[CLS_FIELD][:20].decode("ascii", "replace").strip()
+            label = int(text) if text.isdigit() else -1
+            if problem is None and not 0 <= label < self.num_classes:
+                problem = f"cls {text!r} is not a class index in 0..{self.num_classes - 1}"
+        if problem is not None:
+            self._skip(url, key, problem)
+            return None
         return latent, label
 
     def _batch(self, arrays: list[np.ndarray], labels: list[int], gen: torch.Generator) -> torch.Tensor:
-        moments = torch.from_numpy(np.stack(arrays)).float()  # [B, K, C, H, W]
-        z = moments[:, 0]
+        moments = torch.from_numpy(np.stack(arrays))  # float16 [B, K, C, H, W]
         if moments.shape[1] > 1 and self.opts.sample_posterior:
-            z = z + moments[:, 1] * torch.randn(z.shape, generator=gen)
-        return z.mul_(self.scale)
+            # In place on the float32 noise (float16 operands promote inside the kernels): this
+            # is the worker's main arithmetic cost per batch.
+            eps = torch.randn(moments[:, 0].shape, generator=gen)
+            return eps.mul_(moments[:, 1]).add_(moments[:, 0]).mul_(self.scale)
+        return moments[:, 0].float().mul_(self.scale)
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -182,6 +191,7 @@ class _ShardStream(IterableDataset):
             return
         decode, bs = FastArrayDecoder(self.spec), self.opts.batch_size
         arrays, labels, keys, made = [], [], [], 0
+        self.reported = 0
         for url, key, fields in self._shuffled(self._samples(self.urls[worker::workers], rng), rnd):
             got = self._decode(url, key, fields, self.use_flip and rnd.random() < 0.5, decode)
             if got is None:
@@ -193,13 +203,18 @@ class _ShardStream(IterableDataset):
                 yield self._emit(arrays, labels, keys, gen, worker)
                 arrays, labels, keys, made = [], [], [], made + 1
                 if quota is not None and made >= quota:
-                    return
-        if arrays and not self.opts.drop_last:
-            yield self._emit(arrays, labels, keys, gen, worker)
+                    break
+        else:
+            if arrays and not self.opts.drop_last:
+                yield self._emit(arrays, labels, keys, gen, worker)
+        if self.skipped != self.reported:  # skips after the last batch still get counted
+            yield self._emit([], [], [], gen, worker)
 
     def _emit(self, arrays, labels, keys, gen, worker) -> tuple:
         # The worker's cumulative skip count rides along so the main process can sum it.
-        out = (self._batch(arrays, labels, gen), torch.tensor(labels, dtype=torch.long), worker, self.skipped)
+        self.reported = self.skipped
+        z = self._batch(arrays, labels, gen) if arrays else torch.empty(0)
+        out = (z, torch.tensor(labels, dtype=torch.long), worker, self.skipped)
         return out + (list(keys),) if self.opts.return_keys else out
 
 
@@ -229,12 +244,11 @@ class LatentLoader:
             if self.steps_per_epoch < 1:
                 raise ValueError(f"epoch of {epoch} samples < one step of {world_size} x {opts.batch_size}")
         self.samples_seen, self.epoch, self.batches_in_epoch, self._skipped = 0, 0, 0, 0
-        self._live = 0
 
     @property
     def skipped(self) -> int:
         """Bad samples / shard parts skipped by this rank so far (all workers)."""
-        return self._skipped + self._live
+        return self._skipped
 
     def __len__(self) -> int:
         """Steps per epoch (resampled mode only)."""
@@ -252,7 +266,7 @@ class LatentLoader:
         self.samples_seen = int(state["samples_seen"])
         self.epoch = int(state.get("epoch", 0))
         self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
-        self._skipped, self._live = int(state.get("skipped", 0)), 0
+        self._skipped = int(state.get("skipped", 0))
 
     def _pin(self) -> bool:
         if self.opts.pin_memory is not None:
@@ -278,22 +292,23 @@ class LatentLoader:
         else:
             source = dataset
         latest: dict[int, int] = {}
-        base: dict[int, int] = {}
-        try:
-            for i, (z, y, worker, skipped, *keys) in enumerate(source):
-                latest[worker] = skipped
-                if i < replay:
-                    base[worker] = skipped  # counted before the checkpoint
-                    continue
-                self._live = sum(latest[w] - base.get(w, 0) for w in latest)
-                self.samples_seen += len(y)
-                self.batches_in_epoch += 1
-                yield (z, y, keys[0]) if keys else (z, y)
-            self.epoch += 1
-            self.batches_in_epoch = 0
-        finally:
-            self._skipped += sum(latest[w] - base.get(w, 0) for w in latest)
-            self._live = 0
+        done = 0
+        for z, y, worker, skipped, *keys in source:
+            # Workers report cumulative skip counts; add the growth, except for replayed batches.
+            grew = skipped - latest.get(worker, 0)
+            latest[worker] = skipped
+            if done >= replay:
+                self._skipped += grew
+            if len(y) == 0:  # a worker's final report, not a batch
+                continue
+            done += 1
+            if done <= replay:
+                continue
+            self.samples_seen += len(y)
+            self.batches_in_epoch += 1
+            yield (z, y, keys[0]) if keys else (z, y)
+        self.epoch += 1
+        self.batches_in_epoch = 0
 
     def batches(self) -> Iterator[tuple]:
         """Endless batches across epochs (for step-based training loops)."""
