@@ -35,12 +35,15 @@ def _encode_parser(sub) -> None:
     p.add_argument("--procs", type=int, default=1, help="local encoder processes (default 1)")
     p.add_argument("--part", type=int, default=None, help="encode only this part (default: $RANK or 0)")
     p.add_argument("--num-parts", type=int, default=None, help="number of parts (default: $WORLD_SIZE or 1)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mdt-data``."""
     parser = argparse.ArgumentParser(prog="mdt-data", description=__doc__.splitlines()[0])
+    # The deepspeed launcher puts --local_rank=N right after the module name; the device index
+    # comes from $LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _encode_parser(sub)
     p = sub.add_parser("inspect", help="print the manifest summary and latent statistics")

@@ -67,28 +67,45 @@ def load_autoencoder(name: str):
 
     Raises DataToolsError with a one-line hint when the weights are not on this machine.
     """
+    import logging
+    import warnings
+
     from diffusers import AutoencoderKL
 
     hint = (f"copy the VAE to this machine (e.g. `huggingface-cli download {DEFAULT_VAE} "
             f"--local-dir /data/sd-vae` where there is internet) and pass --vae /data/sd-vae")
+    if not os.path.isdir(name) and not _looks_like_hub_id(name):
+        raise DataToolsError(f"VAE directory {name} does not exist; {hint}")
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    # The hub client logs every retry and warns about its own arguments: our error is the message.
+    hub_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _load(AutoencoderKL, name, hint)
+    finally:
+        hub_log.setLevel(level)
+
+
+def _load(cls, name: str, hint: str):
     if os.path.isdir(name):
         try:
-            return AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
+            return cls.from_pretrained(name, low_cpu_mem_usage=False)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataToolsError(f"cannot load VAE from {name}: {first}") from None
-    if not _looks_like_hub_id(name):
-        raise DataToolsError(f"VAE directory {name} does not exist; {hint}")
     try:
-        return AutoencoderKL.from_pretrained(name, local_files_only=True, low_cpu_mem_usage=False)
+        return cls.from_pretrained(name, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError):
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
         raise DataToolsError(f"VAE {name} is not in the local Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
     try:
-        return AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
+        return cls.from_pretrained(name, low_cpu_mem_usage=False)
     except Exception:  # network errors come in many types; the hint says what to do
-        raise DataToolsError(f"cannot load VAE {name}: not a local directory, not cached, download failed; {hint}") from None
+        raise DataToolsError(f"cannot load VAE {name}: not a local directory, not cached, "
+                             f"download failed; {hint}") from None
 
 
 class VaeEncoder:

@@ -176,7 +176,7 @@ def test_rerun_replaces_a_damaged_complete_shard(tmp_path):
 def test_verify_names_bad_shards_and_exits_nonzero(tmp_path, capsys):
     out = tmp_path / "v"
     encode_part(_settings(out))
-    assert main(["verify", str(out)]) == 0
+    assert main(["--local_rank=0", "verify", str(out)]) == 0  # as the deepspeed launcher calls it
     flipped = out / "latents-p0000-000001.tar"
     data = bytearray(flipped.read_bytes())
     data[1700] ^= 0x01
