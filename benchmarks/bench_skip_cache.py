@@ -4,8 +4,9 @@ A small skip-branch network (default: DiT-S/2 narrowed to width 192, latent 4 x 
 trained briefly on synthetic class-structured latents so that its blocks do real work (an untrained
 DiT is the identity with a zero output, and any cache would look free), then sampled with
 250 ancestral DDPM steps (linear schedule, respaced) and 50 EDM Heun steps, each without cache and
-with Skip-Cache N = 2, 3 (settings interleaved, best of --repeats). Prints evaluations, blocks run, wall time, speedup over no cache and the
-relative L2 difference of the final latents to the uncached run (same noise, same seeds).
+with Skip-Cache N = 2, 3 (settings interleaved, best of --repeats). Prints evaluations, blocks
+run, wall time, speedup over no cache and the relative L2 difference of the final latents to the
+uncached run (same noise, same seeds).
 
     .venv/bin/python benchmarks/bench_skip_cache.py            # defaults, a few minutes on 2 cores
 
@@ -98,7 +99,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     y = torch.arange(args.batch) % num_classes
     grids = [("ddpm", args.ddpm_steps, ddpm_sigmas(DDPMSchedule("linear"), args.ddpm_steps)),
              ("heun", args.heun_steps, karras_sigmas(args.heun_steps))]
-    print("| sampler | steps | Skip-Cache | full / cached evals | blocks run | time (s) | speedup | rel. L2 vs no cache |")
+    print("| sampler | steps | Skip-Cache | full / cached evals | blocks run | time (s) | speedup "
+          "| rel. L2 vs no cache |")
     print("|---|---|---|---|---|---|---|---|")
     settings = [None] + [SkipCacheConfig(interval=n, n_keep=args.n_keep) for n in args.intervals]
     timed(den, noise, y, "euler", karras_sigmas(2), args.cfg, settings[-1])  # warm-up: first calls are slow

@@ -106,7 +106,8 @@ def test_parameterisations_agree_in_x0_space():
         c_skip, c_out, _, _ = (c.double().view(-1, 1, 1, 1) for c in p.scalings(sigma.double()))
         f = torch.randn(x0.shape, generator=g, dtype=torch.float64)
         denoised = c_skip * x + c_out * f
-        lhs = weighting.output_weight(sigma, p).double() * ((f - p.target(x0, noise, sigma.double())) ** 2).mean((1, 2, 3))
+        f_target = p.target(x0, noise, sigma.double())
+        lhs = weighting.output_weight(sigma, p).double() * ((f - f_target) ** 2).mean((1, 2, 3))
         rhs = weighting.x0_weight(sigma, p).double() * ((denoised - x0) ** 2).mean((1, 2, 3))
         torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=0)
         x0_weights.append(weighting.x0_weight(sigma, p))

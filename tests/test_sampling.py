@@ -12,6 +12,7 @@ from trainer.sampling import (
     SkipCacheConfig,
     ddpm_ancestral_sampler,
     ddpm_sigmas,
+    default_sigmas,
     euler_sampler,
     heun_sampler,
     karras_sigmas,
@@ -190,7 +191,8 @@ def test_ancestral_step_is_the_ddpm_posterior():
     x0_hat = torch.randn(4, 5, generator=g, dtype=torch.float64)
     x_t = torch.randn(4, 5, generator=g, dtype=torch.float64)
     sig = torch.stack([sched.sigmas[t], sched.sigmas[t_prev]])
-    out = ddpm_ancestral_sampler(lambda x, s: x0_hat, x_t / math.sqrt(ab), sig, generator=torch.Generator().manual_seed(8))
+    out = ddpm_ancestral_sampler(lambda x, s: x0_hat, x_t / math.sqrt(ab), sig,
+                                 generator=torch.Generator().manual_seed(8))
     z = torch.randn(4, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     mu = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0_hat + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x_t
     var = (1 - ab_prev) / (1 - ab) * beta
@@ -219,6 +221,8 @@ def test_sigma_grids():
     grid = ddpm_sigmas(sched, 250)
     assert len(grid) == 251 and grid[0] == sched.sigmas[999] and grid[-2] == sched.sigmas[0]
     assert math.isfinite(float(ddpm_sigmas(DDPMSchedule(zero_terminal_snr=True), 10)[0]))
+    assert torch.equal(default_sigmas("heun", 18), karras_sigmas(18))
+    assert torch.equal(default_sigmas("ddim", 50), ddpm_sigmas(sched, 50))
 
 
 @pytest.mark.parametrize(
@@ -230,6 +234,7 @@ def test_sigma_grids():
         (lambda gm, n, y: SkipCacheConfig(n_keep=0), "n_keep"),
         (lambda gm, n, y: GuidedModel(gm, y, guidance_interval=(2.0, 1.0)), "guidance_interval"),
         (lambda gm, n, y: karras_sigmas(0), "steps"),
+        (lambda gm, n, y: default_sigmas("lms", 10), "lms"),
         (lambda gm, n, y: ddpm_sigmas(DDPMSchedule(), 1001), "steps"),
     ],
 )

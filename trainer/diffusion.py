@@ -69,7 +69,8 @@ class DDPMSchedule:
             alphabar = torch.cumprod(1.0 - betas, 0)
         else:
             s = 0.008
-            f = torch.cos((torch.arange(num_steps + 1, dtype=torch.float64) / num_steps + s) / (1 + s) * math.pi / 2) ** 2
+            steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+            f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1.0 - f[1:] / f[:-1]).clamp(max=0.999)
             alphabar = torch.cumprod(1.0 - betas, 0)
         if zero_terminal_snr:

@@ -57,6 +57,16 @@ def ddpm_sigmas(schedule: DDPMSchedule, steps: int) -> torch.Tensor:
     return torch.cat([grid, grid.new_zeros(1)])
 
 
+def default_sigmas(sampler: str, steps: int, schedule: Optional[DDPMSchedule] = None) -> torch.Tensor:
+    """The usual grid for a sampler: EDM's for 'heun' / 'euler', the DDPM schedule's (linear unless
+    given) for 'ddpm' / 'ddim', so that DiT-style runs use the timesteps the model was trained on."""
+    if sampler in ("heun", "euler"):
+        return karras_sigmas(steps)
+    if sampler in ("ddpm", "ddim"):
+        return ddpm_sigmas(schedule if schedule is not None else DDPMSchedule("linear"), steps)
+    raise ValueError(f"unknown sampler {sampler!r} (choose from heun, euler, ddim, ddpm)")
+
+
 # ----------------------------------------------------------------------------- samplers
 
 
