@@ -65,7 +65,10 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size), persistent=False)
         self.blocks = BlockStack(depth, hidden_size, num_heads, mlp_ratio, skip)
         self._build_head(num_heads, mlp_ratio)
-        self.initialize_weights()
+        # Under DeepSpeed's zero.Init the parameters are already partitioned (empty) here; the
+        # trainer re-runs initialize_weights with them gathered.
+        if not any(hasattr(p, "ds_shape") and p.numel() == 0 for p in self.parameters()):
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """(Re)apply DiT's initialisation; under ZeRO-3 call it inside GatheredParameters."""
