@@ -62,7 +62,7 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
 
 
-def load_autoencoder(name: str):
+def load_autoencoder(name: str, dtype: torch.dtype = torch.float32):
     """Load a diffusers AutoencoderKL from a local directory or a hub id (cache first).
 
     Raises DataToolsError with a one-line hint when the weights are not on this machine.
@@ -83,26 +83,26 @@ def load_autoencoder(name: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _load(AutoencoderKL, name, hint)
+            return _load(AutoencoderKL, name, hint, dtype)
     finally:
         hub_log.setLevel(level)
 
 
-def _load(cls, name: str, hint: str):
+def _load(cls, name: str, hint: str, dtype: torch.dtype):
     if os.path.isdir(name):
         try:
-            return cls.from_pretrained(name, low_cpu_mem_usage=False)
+            return cls.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataToolsError(f"cannot load VAE from {name}: {first}") from None
     try:
-        return cls.from_pretrained(name, local_files_only=True, low_cpu_mem_usage=False)
+        return cls.from_pretrained(name, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
         raise DataToolsError(f"VAE {name} is not in the local Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
     try:
-        return cls.from_pretrained(name, low_cpu_mem_usage=False)
+        return cls.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
     except Exception:  # network errors come in many types; the hint says what to do
         raise DataToolsError(f"cannot load VAE {name}: not a local directory, not cached, "
                              f"download failed; {hint}") from None
@@ -118,14 +118,14 @@ class VaeEncoder:
                  local_index: int = 0):
         """Load the VAE; ``scaling_factor`` overrides the one in the VAE config."""
         self.id = name
-        self.vae = load_autoencoder(name).eval().requires_grad_(False)
+        self.device, self.dtype = pick_device(local_index)
+        # Loading in the compute dtype lets diffusers keep any fp32-only modules in fp32.
+        self.vae = load_autoencoder(name, self.dtype).eval().requires_grad_(False).to(self.device)
         config = self.vae.config
         factor = scaling_factor if scaling_factor is not None else getattr(config, "scaling_factor", None)
         self.scaling_factor = float(factor if factor is not None else SD_VAE_SCALING_FACTOR)
         self.channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
-        self.device, self.dtype = pick_device(local_index)
-        self.vae.to(self.device, self.dtype)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """[C, H/f, W/f] for the VAE's downsampling factor f."""

@@ -244,6 +244,7 @@ class LatentLoader:
             if self.steps_per_epoch < 1:
                 raise ValueError(f"epoch of {epoch} samples < one step of {world_size} x {opts.batch_size}")
         self.samples_seen, self.epoch, self.batches_in_epoch, self._skipped = 0, 0, 0, 0
+        self.pin_memory = self._pin()
 
     @property
     def skipped(self) -> int:
@@ -269,8 +270,8 @@ class LatentLoader:
         self._skipped = int(state.get("skipped", 0))
 
     def _pin(self) -> bool:
-        if self.opts.pin_memory is not None:
-            return self.opts.pin_memory
+        if self.opts.pin_memory is not None or self.opts.num_workers == 0:
+            return bool(self.opts.pin_memory)
         from deepspeed.accelerator import get_accelerator
 
         return get_accelerator().device_name() != "cpu"
@@ -288,7 +289,7 @@ class LatentLoader:
             replay = self.batches_in_epoch
         if opts.num_workers > 0:
             source = DataLoader(dataset, batch_size=None, num_workers=opts.num_workers,
-                                pin_memory=self._pin(), persistent_workers=False)
+                                pin_memory=self.pin_memory, persistent_workers=False)
         else:
             source = dataset
         latest: dict[int, int] = {}
