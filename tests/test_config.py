@@ -107,3 +107,15 @@ def test_deepspeed_json(stage, precision, offload):
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
     assert ("offload_optimizer" in ds["zero_optimization"]) == offload
     assert ds["gradient_clipping"] == 0.5
+
+
+def test_readme_config_reference_is_current():
+    import importlib.util
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("update_readme", root / "scripts" / "update_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (root / "README.md").read_text()
+    assert module.render(text) == text, "run: python scripts/update_readme.py"
+    assert "`optim.lr`" in text and "`phases.final_unmask_steps`" in text

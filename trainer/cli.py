@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set optim.lr=5e-5 (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, the phase plan and the DeepSpeed JSON, then exit")
+    p.add_argument("--reference", action="store_true", help="print every config key with its default and meaning")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
     return p
@@ -58,6 +59,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .distributed import world_size_from_env
 
     world = args.world_size or world_size_from_env()
+    if args.reference:
+        from .config import reference_markdown
+
+        print(reference_markdown())
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:

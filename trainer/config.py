@@ -447,3 +447,36 @@ def to_deepspeed_json(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     return _deep_merge(out, ds.extra)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def field_docs(cls: type) -> Dict[str, str]:
+    """The docstring written under each field of a config dataclass (read from the source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """Markdown tables of every config key with its default and docstring (for README / --reference)."""
+    lines = []
+    defaults = TrainConfig()
+    for section in dataclasses.fields(TrainConfig):
+        cls = typing.get_type_hints(TrainConfig)[section.name]
+        lines += [f"**{section.name}** ({cls.__doc__.strip()})", "", "| key | default | meaning |", "|---|---|---|"]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = _plain(getattr(getattr(defaults, section.name), f.name))
+            lines.append(f"| `{section.name}.{f.name}` | `{value}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)
