@@ -263,11 +263,20 @@ def encode_part(settings: EncodeSettings, part: int = 0, num_parts: int = 1,
 
 def _encode_range(settings: EncodeSettings, source: Source, encoder, part: int, lo: int, hi: int,
                   resume: int, start_shard: int, fingerprint: str, label: str) -> None:
-    bs = settings.batch_size
+    threads = torch.get_num_threads()
     if getattr(encoder, "device", torch.device("cpu")).type == "cpu" and settings.loader_workers:
         # A CPU encoder shares the cores with its image workers; oversubscribed OpenMP threads
         # spin and made a 2-core run 15x slower.
-        torch.set_num_threads(max(1, torch.get_num_threads() - settings.loader_workers))
+        torch.set_num_threads(max(1, threads - settings.loader_workers))
+    try:
+        _encode_batches(settings, source, encoder, part, lo, hi, resume, start_shard, fingerprint, label)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _encode_batches(settings: EncodeSettings, source: Source, encoder, part: int, lo: int, hi: int,
+                    resume: int, start_shard: int, fingerprint: str, label: str) -> None:
+    bs = settings.batch_size
     # Restart on the batch grid of the slice so every batch has the same members as in an
     # uninterrupted run (batched kernels need not give bitwise equal results for other groupings).
     first = lo + (resume - lo) // bs * bs

@@ -133,6 +133,8 @@ _KILLER = """
 import json, os, signal, sys
 from data_tools import vae
 from data_tools.encode import EncodeSettings, encode_part
+import torch
+torch.set_num_threads(int(sys.argv[3]))  # CPU conv results may depend on the thread count
 original, calls = vae.VaeEncoder.encode, [0]
 def encode(self, images):
     calls[0] += 1
@@ -151,7 +153,7 @@ def test_killed_encoder_rerun_produces_same_shards(tmp_path, tiny_vae):
     crashed = tmp_path / "crashed"
     settings = json.dumps(vars(_settings(crashed, **kw)))
     # Two encode calls per batch (image + flip): call 9 is the 5th batch, mid-way into shard 1.
-    proc = subprocess.run([sys.executable, "-c", _KILLER, settings, "9"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", _KILLER, settings, "9", str(torch.get_num_threads())], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (crashed / MANIFEST_NAME).exists()
