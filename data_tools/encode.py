@@ -256,7 +256,8 @@ def encode_part(settings: EncodeSettings, part: int = 0, num_parts: int = 1,
         _encode_range(settings, source, encoder, part, lo, hi, resume, len(records), fingerprint, label)
     elif settings.progress:
         print(f"[{label}] already complete ({len(records)} shards)", file=sys.stderr, flush=True)
-    finalize(settings, num_parts, source, quiet=not settings.progress)
+    if not finalize(settings, num_parts, source, quiet=not settings.progress) and settings.progress:
+        print(f"[{label}] done; the last part to finish writes the manifest", file=sys.stderr, flush=True)
     records = valid_records(settings.out, settings.prefix, part, fingerprint, lo, rehash=False)
     return sum(r["samples"] for r in records)
 
@@ -308,6 +309,8 @@ def _encode_batches(settings: EncodeSettings, source: Source, encoder, part: int
         progress.update(sum(1 for i in indices.tolist() if i >= resume))
     writer.close(hi)
     progress.update(0, final=True)
+    if skipped:
+        print(f"[{label}] warning: {skipped} unreadable images left out", file=sys.stderr, flush=True)
 
 
 def collect_parts(settings: EncodeSettings, num_parts: int, source: Source) -> list[list[dict]] | None:
