@@ -73,26 +73,34 @@ def _same(a, b):
         assert ka == kb and torch.equal(ya, yb) and torch.equal(za, zb)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
 def test_seeded_stream_and_resume_from_state(dataset):
-    opts = dict(num_workers=2, seed=5, return_keys=True, shuffle_buffer=30)
+    opts = dict(num_workers=3, seed=5, return_keys=True, shuffle_buffer=30)
     full = build_latent_loader(dataset, 8, 1, 2, **opts)
     first, second = _epoch(full), _epoch(full)
     _same(first, _epoch(build_latent_loader(dataset, 8, 1, 2, **opts)))
     assert [b[2] for b in first] != [b[2] for b in second]  # a new epoch is a new order
-    # Stop after 4 steps, "checkpoint", resume in a fresh loader.
+    # Stop after 5 steps (not a multiple of the 3 workers), "checkpoint", resume in a fresh loader.
     partial = build_latent_loader(dataset, 8, 1, 2, **opts)
     for step, _ in enumerate(partial):
-        if step == 3:
+        if step == 4:
             break
     state = partial.state_dict()
-    assert state["samples_seen"] == 32 and state["batches_in_epoch"] == 4
-    resumed = [build_latent_loader(dataset, 8, 1, 2, **opts) for _ in range(2)]
-    for loader in resumed:
-        loader.load_state_dict(state)
-    rest = _epoch(resumed[0])
-    assert len(rest) == len(full) - 4
-    _same(rest, _epoch(resumed[1]))  # the resumed remainder is deterministic
-    _same(_epoch(resumed[0]), second)  # and from the next epoch on it is the uninterrupted stream
+    assert state["samples_seen"] == 40 and state["batches_in_epoch"] == 5
+    resumed = build_latent_loader(dataset, 8, 1, 2, **opts)
+    resumed.load_state_dict(state)
+    _same(_epoch(resumed), first[5:])  # batch for batch the uninterrupted stream
+    _same(_epoch(resumed), second)
+    # One-pass mode resumes exactly too (by replaying the epoch).
+    once = dict(opts, resampled=False)
+    whole = _epoch(build_latent_loader(dataset, 8, 1, 2, **once))
+    partial = build_latent_loader(dataset, 8, 1, 2, **once)
+    for step, _ in enumerate(partial):
+        if step == 2:
+            break
+    resumed = build_latent_loader(dataset, 8, 1, 2, **once)
+    resumed.load_state_dict(partial.state_dict())
+    _same(_epoch(resumed), whole[3:])
 
 
 def test_truncated_shard_is_skipped_counted_and_batches_keep_shape(dataset, tmp_path):

@@ -3,11 +3,14 @@
 Shards are split by rank, then by DataLoader worker (each shard has exactly one reader). In the
 default resampled mode every reader cycles through its shards in fresh random orders forever and
 an epoch is a fixed number of steps (``epoch_samples // (world_size * batch_size)``), identical on
-every rank, so uneven shards can never make ranks disagree on the step count. Every random choice
-(shard order, shuffle buffer, flip, posterior noise) comes from
-``SeedSequence([seed, rank, worker, position])`` where position is the rank's samples consumed at
-the start of the pass: a run resumed from ``state_dict()`` follows the same path as one that never
-stopped from the next epoch boundary on, and a deterministic one before that.
+every rank, so uneven shards can never make ranks disagree on the step count.
+
+Every random choice (shard order, shuffle buffer, flip) comes from
+``SeedSequence([seed, rank, reader, epoch])`` and the posterior noise of batch ``n`` from
+``(..., n)``. Batch ``i`` of an epoch is always made by reader ``i % workers``; a run resumed from
+``state_dict()`` at batch ``b`` lets DataLoader worker ``j`` play reader ``(j + b) % workers``,
+which re-reads its part of the epoch without building the batches already delivered and then
+continues, so the resumed stream is the uninterrupted one, batch for batch.
 
 Bad input (unreadable or truncated shard, missing field, wrong shape or dtype, bad label) is
 skipped with a warning naming shard and key and counted in ``LatentLoader.skipped``; batches
@@ -42,7 +45,7 @@ class LoaderOptions:
     num_workers: int = 2
     """DataLoader worker processes (0: read in the main process)."""
     seed: int = 0
-    """Base seed; combined with rank, worker and position."""
+    """Base seed; combined with rank, reader (worker) and epoch."""
     resampled: bool = True
     """Infinite resampled stream with fixed-size epochs (training); False: each sample exactly
     once per epoch (evaluation; ranks may then see different batch counts)."""
@@ -92,13 +95,16 @@ class _ShardStream(IterableDataset):
     """One pass of a rank's readers; each DataLoader worker builds its own batches."""
 
     def __init__(self, urls: list[str], man: Manifest, opts: LoaderOptions, rank: int,
-                 position: int, steps: int | None):
+                 epoch: int, steps: int | None, start: int = 0):
+        """``steps``: batches in the epoch (None: until the shards end); ``start``: batches of
+        this epoch already delivered (resampled mode)."""
         super().__init__()
-        self.urls, self.opts, self.rank, self.position, self.steps = urls, opts, rank, position, steps
+        self.urls, self.opts, self.rank, self.epoch, self.steps = urls, opts, rank, epoch, steps
+        self.start = start
         self.spec, self.num_classes = man.spec, man.num_classes
         self.use_flip = opts.hflip and man.has_flip
         self.scale = float(opts.scaling_factor if opts.scaling_factor is not None else man.scaling_factor)
-        self.skipped, self.warned, self.reported = 0, 0, 0
+        self.skipped, self.warned, self.reported, self.base = 0, 0, 0, 0
 
     def _skip(self, url: str, key: str, reason: str) -> None:
         self.skipped += 1
@@ -170,9 +176,11 @@ class _ShardStream(IterableDataset):
             return None
         return latent, label
 
-    def _batch(self, arrays: list[np.ndarray], labels: list[int], gen: torch.Generator) -> torch.Tensor:
+    def _batch(self, arrays: list[np.ndarray], eps_seed: int, index: int) -> torch.Tensor:
         moments = torch.from_numpy(np.stack(arrays))  # float16 [B, K, C, H, W]
         if moments.shape[1] > 1 and self.opts.sample_posterior:
+            # Noise seeded per batch, so batches skipped on resume need not draw theirs.
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([eps_seed, index]).generate_state(1)[0]))
             # In place on the float32 noise (float16 operands promote inside the kernels): this
             # is the worker's main arithmetic cost per batch.
             eps = torch.randn(moments[:, 0].shape, generator=gen)
@@ -182,17 +190,19 @@ class _ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        seeds = np.random.SeedSequence([self.opts.seed, self.rank, worker, self.position])
-        rng = np.random.default_rng(seeds)
+        reader, done, quota = worker, 0, None
+        if self.steps is not None:
+            reader = (worker + self.start) % workers
+            done = (self.start - reader + workers - 1) // workers  # this reader's delivered batches
+            quota = (self.steps - reader + workers - 1) // workers
+            if done >= quota:
+                return
+        rng = np.random.default_rng(np.random.SeedSequence([self.opts.seed, self.rank, reader, self.epoch]))
         rnd = random.Random(int(rng.integers(2**63)))
-        gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
-        quota = None if self.steps is None else max(0, (self.steps - worker + workers - 1) // workers)
-        if quota == 0:
-            return
+        eps_seed = int(rng.integers(2**63))
         decode, bs = FastArrayDecoder(self.spec), self.opts.batch_size
         arrays, labels, keys, made = [], [], [], 0
-        self.reported = 0
-        for url, key, fields in self._shuffled(self._samples(self.urls[worker::workers], rng), rnd):
+        for url, key, fields in self._shuffled(self._samples(self.urls[reader::workers], rng), rnd):
             got = self._decode(url, key, fields, self.use_flip and rnd.random() < 0.5, decode)
             if got is None:
                 continue
@@ -200,21 +210,24 @@ class _ShardStream(IterableDataset):
             labels.append(got[1])
             keys.append(key)
             if len(arrays) == bs:
-                yield self._emit(arrays, labels, keys, gen, worker)
+                if made >= done:
+                    yield self._emit(arrays, labels, keys, eps_seed, made, worker)
+                else:
+                    self.base = self.skipped  # delivered before the checkpoint, skips counted then
                 arrays, labels, keys, made = [], [], [], made + 1
                 if quota is not None and made >= quota:
                     break
         else:
             if arrays and not self.opts.drop_last:
-                yield self._emit(arrays, labels, keys, gen, worker)
-        if self.skipped != self.reported:  # skips after the last batch still get counted
-            yield self._emit([], [], [], gen, worker)
+                yield self._emit(arrays, labels, keys, eps_seed, made, worker)
+        if self.skipped - self.base != self.reported:  # skips after the last batch still count
+            yield self._emit([], [], [], eps_seed, made, worker)
 
-    def _emit(self, arrays, labels, keys, gen, worker) -> tuple:
+    def _emit(self, arrays, labels, keys, eps_seed, index, worker) -> tuple:
         # The worker's cumulative skip count rides along so the main process can sum it.
-        self.reported = self.skipped
-        z = self._batch(arrays, labels, gen) if arrays else torch.empty(0)
-        out = (z, torch.tensor(labels, dtype=torch.long), worker, self.skipped)
+        self.reported = self.skipped - self.base
+        z = self._batch(arrays, eps_seed, index) if arrays else torch.empty(0)
+        out = (z, torch.tensor(labels, dtype=torch.long), worker, self.reported)
         return out + (list(keys),) if self.opts.return_keys else out
 
 
@@ -280,11 +293,12 @@ class LatentLoader:
         """Yield the rest of the current epoch, then advance the epoch counter."""
         opts = self.opts
         if opts.resampled:
-            steps = self.steps_per_epoch - self.batches_in_epoch
-            dataset = _ShardStream(self.urls, self.manifest, opts, self.rank, self.samples_seen, steps)
+            dataset = _ShardStream(self.urls, self.manifest, opts, self.rank, self.epoch,
+                                   self.steps_per_epoch, self.batches_in_epoch)
             replay = 0
         else:
-            # Exact resume in a finite epoch: replay the epoch's deterministic order, drop what was seen.
+            # Readers of a finite epoch run out at different times, so the reader rotation does
+            # not apply: replay the epoch's order and drop the batches already seen (exact too).
             dataset = _ShardStream(self.urls, self.manifest, opts, self.rank, self.epoch, None)
             replay = self.batches_in_epoch
         if opts.num_workers > 0:
