@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -229,6 +228,13 @@ class _PartWriter:
         self.end = end_index
         self.writer.close()
 
+    def abort(self) -> None:
+        """Drop the shard being written (after an error): never renamed, never recorded."""
+        if self.handle is not None and not self.handle.closed:
+            self.writer.tarstream.close()  # ends the tar stream so nothing writes to it later
+            self.handle.close()
+            os.remove(self.handle.name)
+
 
 def encode_part(settings: EncodeSettings, part: int = 0, num_parts: int = 1,
                 source: Source | None = None, encoder=None) -> int:
@@ -288,6 +294,19 @@ def _encode_batches(settings: EncodeSettings, source: Source, encoder, part: int
                 encoder_kind=encoder.kind, encoder_id=encoder.id)
     writer = _PartWriter(settings.out, settings.prefix, part, start_shard, resume, settings, meta)
     progress = Progress(label, hi - lo, resume - lo, settings.progress)
+    try:
+        skipped = _write_batches(settings, source, encoder, loader, writer, progress, resume, label)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close(hi)
+    progress.update(0, final=True)
+    if skipped:
+        print(f"[{label}] warning: {skipped} unreadable images left out", file=sys.stderr, flush=True)
+
+
+def _write_batches(settings: EncodeSettings, source: Source, encoder, loader: DataLoader, writer: _PartWriter,
+                   progress: Progress, resume: int, label: str) -> int:
     skipped = 0
     for images, labels, indices, names, errors in loader:
         moments = encoder.encode(images)
@@ -307,10 +326,7 @@ def _encode_batches(settings: EncodeSettings, source: Source, encoder, part: int
                                    flipped[j] if flipped is not None else None)
             writer.write(index, sample)
         progress.update(sum(1 for i in indices.tolist() if i >= resume))
-    writer.close(hi)
-    progress.update(0, final=True)
-    if skipped:
-        print(f"[{label}] warning: {skipped} unreadable images left out", file=sys.stderr, flush=True)
+    return skipped
 
 
 def collect_parts(settings: EncodeSettings, num_parts: int, source: Source) -> list[list[dict]] | None:

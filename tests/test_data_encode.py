@@ -212,3 +212,18 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, culprit):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and culprit in err and err.startswith("mdt-data: error:")
+
+
+def test_bad_image_stops_with_its_name_or_is_left_out(tmp_path, capsys):
+    root = make_image_folder(str(tmp_path / "images"), classes=2, per_class=3)
+    (tmp_path / "images" / "class_1" / "img_001.png").write_bytes(b"not a png")
+    args = ["encode", "--source", f"folder:{root}", "--encoder", "pixels", "--resolution", "8",
+            "--loader-workers", "0", "--quiet", "--out"]
+    assert main(args + [str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "image 4" in err and "--skip-bad-images" in err
+    # --shard-bytes caps the payload per shard: 5 samples of ~1.2 kB each -> 3 shards.
+    assert main(args + [str(tmp_path / "b"), "--skip-bad-images", "--shard-bytes", "2000"]) == 0
+    man = Manifest.load(str(tmp_path / "b" / MANIFEST_NAME))
+    assert man.num_samples == 5 and [s.samples for s in man.shards] == [2, 2, 1]
+    assert "s000000004" not in _latents(tmp_path / "b")[1]
