@@ -11,8 +11,13 @@ import os
 import sys
 from dataclasses import fields
 
+from typing import TYPE_CHECKING
+
 from .format import DataToolsError
 from .vae import DEFAULT_VAE, ENCODERS
+
+if TYPE_CHECKING:
+    from .encode import EncodeSettings
 
 
 def _encode_parser(sub) -> None:
@@ -65,7 +70,7 @@ def _env_int(name: str) -> int | None:
         raise DataToolsError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _child_args(settings) -> list[str]:
+def _child_args(settings: "EncodeSettings") -> list[str]:
     """Rebuild the encode arguments for a pool child from the parsed settings."""
     args = []
     for f in fields(settings):
