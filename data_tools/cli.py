@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 from dataclasses import fields
-
 from typing import TYPE_CHECKING
 
 from .format import DataToolsError
