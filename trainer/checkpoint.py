@@ -151,7 +151,7 @@ def export_weights(checkpoint: str, out_path: str, which: str = "ema") -> Dict[s
         raise ValueError(f"export: which must be 'ema' or 'model', got {which!r}")
     meta = {"model": state["model_name"], "model_kwargs": json.dumps(state["model_kwargs"]),
             "step": str(state["step"]), "weights": which,
-            "preconditioning": json.dumps(state["config"]["diffusion"])}
+            "diffusion": json.dumps(state["config"]["diffusion"]), "dataset": json.dumps(state.get("dataset", {}))}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     save_file(weights, out_path, metadata=meta)
     return meta

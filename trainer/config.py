@@ -302,6 +302,11 @@ def _build(cls: type, data: Dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def config_from_dict(tree: Dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from its to_dict() form (e.g. the copy stored in a checkpoint)."""
+    return _build(TrainConfig, tree)
+
+
 def _set_override(tree: Dict[str, Any], assignment: str) -> None:
     """Apply one 'a.b.c=value' override (value parsed as YAML) to a nested dict."""
     if "=" not in assignment:

@@ -28,6 +28,13 @@ class RunStopped(RuntimeError):
     """The run stopped on purpose (non-finite losses, a stop signal); the message says why."""
 
 
+def dataset_summary(manifest) -> dict:
+    """What sampling needs to know about the training data: shapes, classes, how to decode."""
+    return {"latent_shape": list(manifest.spec.shape), "num_classes": manifest.num_classes,
+            "scaling_factor": manifest.scaling_factor, "encoder": manifest.encoder,
+            "resolution": manifest.resolution, "class_names": manifest.source.get("class_names")}
+
+
 @dataclass
 class RunState:
     """Counters carried in checkpoints."""
@@ -181,7 +188,8 @@ def _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, phase_end:
         print(f"warning: data-parallel replicas hold different weights at step {state.step}: {sums}", flush=True)
     payload = {"replica_checksums": sums, "step": state.step, "images_seen": state.images_seen, "nonfinite_skipped": state.nonfinite_skipped,
                "world_size": world, "model_name": cfg.model.name, "model_kwargs": kwargs,
-               "ema_updates": ema.updates, "config": cfg.to_dict(), "phase_end": phase_end}
+               "ema_updates": ema.updates, "config": cfg.to_dict(), "phase_end": phase_end,
+               "dataset": dataset_summary(loader.manifest)}
     path = ckpt.save(engine, ema, root, tag, payload, loader.state_dict(), rank, barrier)
     if rank == 0:
         ckpt.rotate(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_phase_ends)
