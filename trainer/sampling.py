@@ -242,7 +242,8 @@ def sample(denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor,
 
     sampler: 'heun', 'euler', 'ddim' (= euler) or 'ddpm' (ancestral; uses `generator`).
     Pair 'heun' / 'euler' with karras_sigmas and 'ddpm' / 'ddim' with ddpm_sigmas as a rule;
-    any decreasing grid ending in 0 works with any sampler.
+    any decreasing grid ending in 0 works with any sampler. Put the network in eval() mode first:
+    in train() mode it drops labels to the null class at random.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
