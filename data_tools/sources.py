@@ -179,18 +179,42 @@ class TarImageSource:
         return _hash_names([f"{os.path.basename(p)}\t{k}\t{s}\t{lab}" for p, _, s, lab, k in self.items])
 
 
-class DigitsSource:
-    """scikit-learn's bundled UCI handwritten digits (1797 grey 8x8 images, 10 classes)."""
+DIGITS_SPLITS = ("all", "train", "heldout")
 
-    def __init__(self) -> None:
-        """Load the arrays shipped inside scikit-learn (no download)."""
+
+def digits_split_indices(split: str, total: int = 1797) -> np.ndarray:
+    """Indices of scikit-learn's digits in a split: 'train' the even ones, 'heldout' the odd ones.
+
+    The diffusion demo trains on 'train'; the classifier that judges its samples is trained on
+    'heldout', so it has never seen the images the generator learnt from.
+    """
+    if split not in DIGITS_SPLITS:
+        raise DataToolsError(f"unknown digits split {split!r}: choose from {', '.join(DIGITS_SPLITS)}")
+    index = np.arange(total)
+    if split == "all":
+        return index
+    return index[index % 2 == (0 if split == "train" else 1)]
+
+
+class DigitsSource:
+    """scikit-learn's bundled UCI handwritten digits (1797 grey 8x8 images, 10 classes).
+
+    ``split``: 'all' (spec ``digits``), 'train' (``digits:train``, the 899 even-indexed images) or
+    'heldout' (``digits:heldout``, the 898 odd-indexed ones); see ``digits_split_indices``.
+    """
+
+    def __init__(self, split: str = "all") -> None:
+        """Load the arrays shipped inside scikit-learn (no download) and keep the split's images."""
         from sklearn.datasets import load_digits
 
         digits = load_digits()
+        keep = digits_split_indices(split, len(digits.images))
         # Pixel values are 0..16 counts; stretch to 0..255 grey levels.
-        self.images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-        self.labels = digits.target.astype(np.int64)
-        self.spec = "digits"
+        self.images = np.round(digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)
+        self.labels = digits.target[keep].astype(np.int64)
+        self.indices = keep
+        self.split = split
+        self.spec = "digits" if split == "all" else f"digits:{split}"
         self.class_names = [str(i) for i in range(10)]
 
     def __len__(self) -> int:
@@ -204,7 +228,8 @@ class DigitsSource:
 
     def load(self, index: int) -> tuple[Image.Image, int, str]:
         """An 8x8 greyscale image; preprocessing upsamples it and makes it RGB."""
-        return Image.fromarray(self.images[index], mode="L"), int(self.labels[index]), f"digits/{index}"
+        return (Image.fromarray(self.images[index], mode="L"), int(self.labels[index]),
+                f"digits/{int(self.indices[index])}")
 
     def fingerprint(self) -> str:
         """Hash of the pixel data and labels."""
@@ -241,10 +266,11 @@ class SubsetSource:
 
 
 def open_source(spec: str, limit: int | None = None) -> Source:
-    """Open a source from its spec: ``digits``, ``folder:DIR`` (or a bare directory), or
-    ``tars:PATTERN`` (or a bare ``*.tar`` path / brace pattern)."""
-    if spec == "digits":
-        source: Source = DigitsSource()
+    """Open a source from its spec: ``digits`` (or ``digits:train`` / ``digits:heldout``),
+    ``folder:DIR`` (or a bare directory), or ``tars:PATTERN`` (or a bare ``*.tar`` path / brace
+    pattern)."""
+    if spec == "digits" or spec.startswith("digits:"):
+        source: Source = DigitsSource(spec.partition(":")[2] or "all")
     elif spec.startswith("folder:"):
         source = FolderSource(spec[len("folder:"):])
     elif spec.startswith("tars:"):
@@ -254,7 +280,7 @@ def open_source(spec: str, limit: int | None = None) -> Source:
     elif os.path.isdir(spec):
         source = FolderSource(spec)
     else:
-        raise DataToolsError(f"unknown source {spec!r}: use digits, folder:DIR or tars:PATTERN")
+        raise DataToolsError(f"unknown source {spec!r}: use digits[:train|:heldout], folder:DIR or tars:PATTERN")
     if limit is not None:
         if limit < 1:
             raise DataToolsError(f"--limit must be >= 1, got {limit}")
