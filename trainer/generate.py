@@ -371,13 +371,25 @@ def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: Sam
     barrier()
     if rank == 0:
         result.npz = merge_parts(out_dir, labels, world_size)
-        with np.load(result.npz) as data:
-            first = torch.from_numpy(data["arr_0"][:grid_count]).permute(0, 3, 1, 2).float() / 255
+        first = torch.from_numpy(_first_images(out_dir, min(grid_count, len(labels)), world_size))
+        first = first.permute(0, 3, 1, 2).float() / 255
         result.grid = save_png(make_grid(first, nrow=grid_cols), os.path.join(out_dir, "grid.png"))
         result.labels = labels
         shutil.rmtree(parts, ignore_errors=True)
     barrier()
     return result
+
+
+def _first_images(out_dir: str, count: int, world_size: int) -> np.ndarray:
+    """Images 0..count-1 read from the ranks' parts (image i is row i // W of rank i % W's part)."""
+    parts = {}
+    rows = []
+    for i in range(count):
+        r = i % world_size
+        if r not in parts:
+            parts[r] = np.load(os.path.join(out_dir, "parts", f"rank{r}.npy"), mmap_mode="r")
+        rows.append(np.asarray(parts[r][i // world_size]))
+    return np.stack(rows)
 
 
 def merge_parts(out_dir: str, labels: np.ndarray, world_size: int) -> str:
