@@ -5,7 +5,6 @@ image-set loading, and the CLI on samples of a tiny checkpoint."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,7 +167,8 @@ def test_eval_cli_without_inception_weights_is_one_line_exit_2(tmp_path, monkeyp
     np.savez(tmp_path / "a.npz", np.zeros((4, 8, 8, 3), np.uint8))
     assert main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mdt-eval: error: no Inception weights given") and "--inception" in err[0]
+    assert len(err) == 1 and err[0].startswith("mdt-eval: error: no Inception weights given")
+    assert "--inception" in err[0]
     assert main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--inception", str(tmp_path / "x.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "x.pth not found" in err[0]
@@ -181,7 +181,8 @@ def test_fid_cli_and_precomputed_reference_stats(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     stand_in = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 64))
     loaded = []
-    monkeypatch.setattr(inception, "load_fid_inception", lambda path=None, device="cpu": loaded.append(path) or stand_in)
+    monkeypatch.setattr(inception, "load_fid_inception",
+                        lambda path=None, device="cpu": loaded.append(path) or stand_in)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     b = (a // 2).astype(np.uint8)

@@ -437,9 +437,15 @@ def sample_checkpoint(checkpoint: str, out_dir: str, classes: str | Sequence[int
     chosen = parse_classes(classes, num_classes, names) if isinstance(classes, str) else \
         parse_classes(",".join(str(c) for c in classes), num_classes, names)
     labels = make_labels(chosen, per_class, num)
-    cols = per_class if per_class is not None and per_class <= 20 else (len(chosen) if len(chosen) <= 20 else None)
     return generate(model, labels, out_dir, SampleSettings(**settings), vae=vae, device=device, png=png,
-                    progress=progress, grid_cols=cols)
+                    progress=progress, grid_cols=_grid_cols(per_class, len(chosen)))
+
+
+def _grid_cols(per_class: Optional[int], num_classes: int) -> Optional[int]:
+    """Grid columns: one row per class (--per-class), or one column per class (cycling labels);
+    a square grid when that would be wider than 20."""
+    cols = per_class if per_class is not None else num_classes
+    return cols if cols <= 20 else None
 
 
 def _device(local_rank: int) -> torch.device:
@@ -529,9 +535,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"({model.model_name}, step {model.step}, {model.weights} weights) on {world} rank(s): "
                   f"{settings.sampler}, {settings.resolved_steps()} steps, guidance {settings.guidance_scale:g}",
                   flush=True)
-        cols = args.per_class if args.per_class and args.per_class <= 20 else (len(classes) if len(classes) <= 20 else None)
         result = generate(model, labels, args.out, settings, args.vae, rank, world, device, not args.no_png,
-                          args.grid, cols, not args.quiet, decoder=decoder)
+                          args.grid, _grid_cols(args.per_class, len(classes)), not args.quiet, decoder=decoder)
         if rank == 0:
             full, cached = result.steps_per_batch
             print(f"model evaluations per batch: {full} full + {cached} cached"
