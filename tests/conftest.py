@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-# Tests run on 2 cores next to other processes: keep torch from oversubscribing them.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests share 2 cores with the ranks they launch: more threads oversubscribe them (OpenMP barriers
+# then cost a scheduler slice per op, making tiny steps ~50x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

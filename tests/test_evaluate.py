@@ -17,12 +17,6 @@ from trainer.evaluate import (digits_accuracy, digits_fd, fd_from_features, feat
 from trainer.inception import WEIGHTS_ENV, FIDInceptionV3, InceptionWeightsError, load_fid_inception
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- Frechet distance

@@ -24,13 +24,6 @@ from trainer.task import TrainingModule
 
 from launcher import deepspeed_command, env, free_port, run, tiny_config, write_config
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest and does not fight the other processes for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TINY = {"hidden_size": 32, "depth": 4, "num_heads": 2, "decoder_depth": 1, "decoder_hidden_size": 16,

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -128,27 +128,37 @@ def load(engine, ema, path: str, rank: int) -> Dict[str, Any]:
     return state
 
 
+def checkpoint_weights(checkpoint: str, which: str = "ema") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(network state dict in float32, trainer state) of a complete checkpoint.
+
+    which='ema': the saved average; 'model': the live weights consolidated from the ZeRO shards
+    through DeepSpeed's API (works for every stage, no process group needed).
+    """
+    from safetensors.torch import load_file
+
+    with open(os.path.join(checkpoint, STATE_FILE)) as f:
+        state = json.load(f)
+    if which == "ema":
+        return load_file(os.path.join(checkpoint, EMA_FILE)), state
+    if which != "model":
+        raise ValueError(f"weights must be 'ema' or 'model', got {which!r}")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = os.path.split(os.path.normpath(checkpoint))
+    full = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    prefix = "denoiser.net."
+    return {k[len(prefix):]: v.float().contiguous() for k, v in full.items() if k.startswith(prefix)}, state
+
+
 def export_weights(checkpoint: str, out_path: str, which: str = "ema") -> Dict[str, str]:
     """Write one safetensors file of network weights (EMA or live model) with metadata to rebuild it.
 
     The live weights come through DeepSpeed's consolidation API, so ZeRO-1/2/3 checkpoints work
     without a process group. Metadata: model name and constructor kwargs (JSON), step, which.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    with open(os.path.join(checkpoint, STATE_FILE)) as f:
-        state = json.load(f)
-    if which == "ema":
-        weights = load_file(os.path.join(checkpoint, EMA_FILE))
-    elif which == "model":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        root, tag = os.path.split(os.path.normpath(checkpoint))
-        full = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-        prefix = "denoiser.net."
-        weights = {k[len(prefix):]: v.float().contiguous() for k, v in full.items() if k.startswith(prefix)}
-    else:
-        raise ValueError(f"export: which must be 'ema' or 'model', got {which!r}")
+    weights, state = checkpoint_weights(checkpoint, which)
     meta = {"model": state["model_name"], "model_kwargs": json.dumps(state["model_kwargs"]),
             "step": str(state["step"]), "weights": which,
             "diffusion": json.dumps(state["config"]["diffusion"]), "dataset": json.dumps(state.get("dataset", {}))}

@@ -101,7 +101,7 @@ def load_model(path: str, weights: Optional[str] = None, device: torch.device | 
 
     from model_zoo.registry import build_model
 
-    from .checkpoint import EMA_FILE, STATE_FILE
+    from .checkpoint import checkpoint_weights
 
     resolved = resolve_checkpoint(path)
     if os.path.isfile(resolved):
@@ -116,22 +116,13 @@ def load_model(path: str, weights: Optional[str] = None, device: torch.device | 
         diffusion, dataset = json.loads(meta.get("diffusion", "{}")), json.loads(meta.get("dataset", "{}"))
         step, which, state_dict = int(meta.get("step", 0)), held, load_file(resolved)
     else:
-        with open(os.path.join(resolved, STATE_FILE)) as f:
-            state = json.load(f)
+        which = weights or "ema"
+        if which not in ("ema", "model"):
+            raise SampleError(f"--weights must be ema or model, got {which!r}")
+        state_dict, state = checkpoint_weights(resolved, which)
         name, kwargs = state["model_name"], state["model_kwargs"]
         diffusion, dataset = state["config"].get("diffusion", {}), state.get("dataset") or {}
-        step, which = int(state["step"]), weights or "ema"
-        if which == "ema":
-            state_dict = load_file(os.path.join(resolved, EMA_FILE))
-        elif which == "model":
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            root, tag = os.path.split(os.path.normpath(resolved))
-            full = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-            prefix = "denoiser.net."
-            state_dict = {k[len(prefix):]: v.float() for k, v in full.items() if k.startswith(prefix)}
-        else:
-            raise SampleError(f"--weights must be ema or model, got {which!r}")
+        step = int(state["step"])
     if not dataset.get("latent_shape"):
         raise SampleError(f"{resolved} carries no dataset summary (latent shape, encoder): re-save or re-export "
                           f"it with this version of the trainer")
