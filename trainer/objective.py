@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import torch
-from einops import rearrange
+
+from model_zoo.layers import patchify  # the network's token order, so masks line up
 
 from .diffusion import SIGMA_CEIL, SIGMA_FLOOR, Denoiser, LossWeighting, _col
 
@@ -25,13 +26,6 @@ class LossOutput(NamedTuple):
     sigma: torch.Tensor
     dsm: torch.Tensor
     mae: torch.Tensor
-
-
-def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, N, p*p*C], tokens row-major over the patch grid (model_zoo's order)."""
-    if x.shape[-1] % patch_size or x.shape[-2] % patch_size:
-        raise ValueError(f"patch_size {patch_size} does not divide the input size {tuple(x.shape[-2:])}")
-    return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
 
 
 def per_token_mse(pred: torch.Tensor, target: torch.Tensor, patch_size: int) -> torch.Tensor:
