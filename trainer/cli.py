@@ -20,8 +20,15 @@ from .config import ConfigError, TrainConfig, load_config, to_deepspeed_json, va
 from .phases import PhasePlan
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line naming the culprit (exit 2), no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdt-train", description="Train a (masked) diffusion transformer with DeepSpeed.")
+    p = OneLineParser(prog="mdt-train", description="Train a (masked) diffusion transformer with DeepSpeed.")
     p.add_argument("--config", help="YAML launch config (see launch_configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=5e-5 (repeatable)")

@@ -209,13 +209,10 @@ def _classifier(classifier):
 # ----------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mdt-eval", description="Frechet distances (Inception FID, digits FD) and digit accuracy "
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="mdt-eval", description="Frechet distances (Inception FID, digits FD) and digit accuracy "
                                               "of a generated image set against a reference set.")
     p.add_argument("generated", help="generated images: .npz (arr_0 images, arr_1 labels) or a directory of images")
     p.add_argument("reference", nargs="?", default=None,

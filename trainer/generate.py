@@ -449,13 +449,10 @@ def _device(local_rank: int) -> torch.device:
 # ----------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mdt-sample", description="Generate class-conditional images from a checkpoint or an "
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="mdt-sample", description="Generate class-conditional images from a checkpoint or an "
                                                 "exported weights file; write PNGs, a grid and an ADM-layout .npz.")
     p.add_argument("checkpoint", help="checkpoint tag dir, checkpoints root or run dir (newest complete "
                                       "checkpoint), or an mdt-export .safetensors file")
