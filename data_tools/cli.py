@@ -27,6 +27,8 @@ def _encode_parser(sub) -> None:
     p.add_argument("--encoder", choices=ENCODERS, default="vae", help="vae (default) or pixels")
     p.add_argument("--vae", default=DEFAULT_VAE, help=f"local AutoencoderKL dir or hub id (default {DEFAULT_VAE})")
     p.add_argument("--scaling-factor", type=float, default=None, help="override the VAE's scaling factor")
+    p.add_argument("--hflip", dest="hflip", action="store_true", default=None,
+                   help="store flipped latents (default: when the source's classes survive a mirror; not digits)")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="do not store flipped latents")
     p.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (default 1000)")
     p.add_argument("--shard-bytes", type=float, default=1e9, help="max bytes per shard (default 1e9)")
@@ -76,7 +78,7 @@ def _child_args(settings: "EncodeSettings") -> list[str]:
         value = getattr(settings, f.name)
         flag = "--" + f.name.replace("_", "-")
         if f.name == "hflip":
-            args += [] if value else ["--no-hflip"]
+            args += [] if value is None else ["--hflip" if value else "--no-hflip"]
         elif f.name == "progress":
             args += [] if value else ["--quiet"]
         elif f.name == "skip_bad_images":

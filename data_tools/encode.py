@@ -48,8 +48,9 @@ class EncodeSettings:
     """Local diffusers AutoencoderKL directory or hub id (cache only without internet)."""
     scaling_factor: float | None = None
     """Override the VAE config's scaling factor."""
-    hflip: bool = True
-    """Also store the latent of the horizontally flipped image."""
+    hflip: bool | None = None
+    """Also store the latent of the horizontally flipped image; None: only when the source says a
+    mirror keeps the class (not for digits)."""
     shard_size: int = 1000
     """Maximum samples per shard (ShardWriter maxcount)."""
     shard_bytes: float = 1e9
@@ -78,11 +79,15 @@ class EncodeSettings:
         if not _PREFIX_OK.match(self.prefix):
             raise DataToolsError(f"--prefix {self.prefix!r} must match [A-Za-z0-9_-]+")
 
+    def store_flip(self, source: Source) -> bool:
+        """Whether flipped latents are stored: the explicit setting, else the source's mirror_safe."""
+        return self.hflip if self.hflip is not None else bool(getattr(source, "mirror_safe", True))
+
     def fingerprint(self, source: Source, num_parts: int) -> str:
         """Hash of everything that changes shard bytes; records with another one are redone."""
         keys = {k: v for k, v in asdict(self).items()
                 if k not in ("out", "batch_size", "loader_workers", "progress", "skip_bad_images")}
-        keys.update(source_fp=source.fingerprint(), num_parts=num_parts)
+        keys.update(source_fp=source.fingerprint(), num_parts=num_parts, hflip=self.store_flip(source))
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -310,7 +315,7 @@ def _write_batches(settings: EncodeSettings, source: Source, encoder, loader: Da
     skipped = 0
     for images, labels, indices, names, errors in loader:
         moments = encoder.encode(images)
-        flipped = encoder.encode(images.flip(3)) if settings.hflip else None
+        flipped = encoder.encode(images.flip(3)) if settings.store_flip(source) else None
         for j, index in enumerate(indices.tolist()):
             if index < resume:
                 continue
@@ -353,17 +358,19 @@ def finalize(settings: EncodeSettings, num_parts: int, source: Source | None = N
     if not records:
         raise DataToolsError(f"source {source.spec} produced no samples")
     head = records[0]
+    flips = settings.store_flip(source)
     shards = [ShardInfo(**{k: r[k] for k in ("name", "samples", "bytes", "sha256", "first_index",
                                             "end_index")}) for r in records]
     manifest = Manifest(
         latent=dict(shape=head["latent_shape"], moments=head["moments"], dtype=LATENT_DTYPE,
-                    fields=[LATENT_FIELD] + ([FLIP_FIELD] if settings.hflip else [])),
+                    fields=[LATENT_FIELD] + ([FLIP_FIELD] if flips else [])),
         scaling_factor=head["scaling_factor"],
         encoder=dict(kind=head["encoder_kind"], id=head["encoder_id"]),
         source=dict(spec=source.spec, num_images=len(source), class_names=source.class_names),
-        resolution=settings.resolution, has_flip=settings.hflip, num_classes=source.num_classes,
+        resolution=settings.resolution, has_flip=flips, num_classes=source.num_classes,
         num_samples=sum(s.samples for s in shards), shards=shards, fingerprint=head["fingerprint"],
-        settings={k: v for k, v in asdict(settings).items() if k not in ("out", "progress")} | {"num_parts": num_parts},
+        settings={k: v for k, v in asdict(settings).items() if k not in ("out", "progress")}
+        | {"num_parts": num_parts, "hflip": flips},
     )
     write_text_atomic(os.path.join(settings.out, MANIFEST_NAME), manifest.to_json())
     if not quiet:

@@ -27,6 +27,8 @@ class Source(Protocol):
 
     spec: str
     class_names: list[str] | None
+    mirror_safe: bool
+    """Whether a horizontal mirror keeps an image's class (False for digits: a mirrored 2 is no 2)."""
 
     def __len__(self) -> int:
         """Number of images."""
@@ -66,6 +68,8 @@ def _hash_names(names: list[str]) -> str:
 
 class FolderSource:
     """One sub-folder per class (ImageNet's train/ layout); classes and files sorted by name."""
+
+    mirror_safe = True
 
     def __init__(self, root: str):
         """Scan ``root``; raise DataToolsError when it has no class folders or no images."""
@@ -113,6 +117,8 @@ class TarImageSource:
     The tars are indexed once (member headers only) and read by offset, which gives random
     access for slicing across processes. Local files only.
     """
+
+    mirror_safe = True
 
     def __init__(self, pattern: str):
         """Expand ``pattern`` (braces and globs) and index every tar."""
@@ -203,6 +209,8 @@ class DigitsSource:
     'heldout' (``digits:heldout``, the 898 odd-indexed ones); see ``digits_split_indices``.
     """
 
+    mirror_safe = False
+
     def __init__(self, split: str = "all") -> None:
         """Load the arrays shipped inside scikit-learn (no download) and keep the split's images."""
         from sklearn.datasets import load_digits
@@ -246,6 +254,7 @@ class SubsetSource:
         self.indices = [i * n // limit for i in range(min(limit, n))]
         self.spec = f"{base.spec}?limit={limit}"
         self.class_names = base.class_names
+        self.mirror_safe = getattr(base, "mirror_safe", True)
 
     def __len__(self) -> int:
         """Number of kept images."""

@@ -27,7 +27,7 @@ def tiny_vae(tmp_path_factory):
 
 def _settings(out, **kw):
     base = dict(source="digits", out=str(out), resolution=16, encoder="pixels", shard_size=20,
-                batch_size=8, loader_workers=0, limit=60, progress=False)
+                batch_size=8, loader_workers=0, limit=60, progress=False, hflip=True)
     base.update(kw)
     return EncodeSettings(**base)
 
@@ -84,8 +84,9 @@ def test_image_folder_round_trip_with_workers(tmp_path, tiny_vae):
     root = make_image_folder(str(tmp_path / "images"), classes=3, per_class=4)
     out = tmp_path / "latents"
     encode_part(_settings(out, source=f"folder:{root}", encoder="vae", vae=tiny_vae, limit=None,
-                          shard_size=3, batch_size=5, loader_workers=2))
+                          shard_size=3, batch_size=5, loader_workers=2, hflip=None))
     man = Manifest.load(os.path.join(out, MANIFEST_NAME))
+    assert man.has_flip and man.latent["fields"] == ["latent.npy", "latent_flip.npy"]  # the default for photos
     assert man.num_samples == 12 and len(man.shards) == 4 and man.num_classes == 3
     assert man.source["class_names"] == ["class_0", "class_1", "class_2"]
     loader = build_latent_loader(str(out), 4, num_workers=2, seed=3)
@@ -94,6 +95,19 @@ def test_image_folder_round_trip_with_workers(tmp_path, tiny_vae):
     for z, y in batches:
         assert z.shape == (4, 4, 8, 8) and torch.isfinite(z).all() and 0 <= int(y.min()) <= int(y.max()) < 3
     assert main(["verify", str(out), "--quiet"]) == 0
+
+
+def test_digits_store_no_mirrored_copy_unless_asked(tmp_path):
+    # A mirrored 2 or 7 is no digit: the default follows the source's mirror_safe; --hflip overrides.
+    assert main(["encode", "--source", "digits", "--out", str(tmp_path / "d"), "--resolution", "8",
+                 "--encoder", "pixels", "--limit", "20", "--quiet", "--loader-workers", "0"]) == 0
+    man = Manifest.load(os.path.join(tmp_path / "d", MANIFEST_NAME))
+    assert not man.has_flip and man.latent["fields"] == ["latent.npy"] and man.settings["hflip"] is False
+    with open(os.path.join(tmp_path / "d", man.shards[0].name), "rb") as f:
+        assert all("latent_flip.npy" not in fields for _, fields in iter_tar_samples(f))
+    assert main(["encode", "--source", "digits", "--out", str(tmp_path / "f"), "--resolution", "8",
+                 "--encoder", "pixels", "--limit", "20", "--quiet", "--loader-workers", "0", "--hflip"]) == 0
+    assert Manifest.load(os.path.join(tmp_path / "f", MANIFEST_NAME)).has_flip
 
 
 def test_tar_source_matches_folder_source(tmp_path):

@@ -23,7 +23,7 @@ N = 200  # digits encoded as 3x8x8 pixels into 14 shards of 15 (the last holds 5
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("latents")
     encode_part(EncodeSettings(source="digits", out=str(out), resolution=8, encoder="pixels", limit=N,
-                               shard_size=15, batch_size=50, loader_workers=0, progress=False))
+                               shard_size=15, batch_size=50, loader_workers=0, progress=False, hflip=True))
     return str(out)
 
 
