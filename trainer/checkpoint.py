@@ -9,6 +9,10 @@ Layout of run_dir/checkpoints/:
     <tag>/data_rank<r>.json each rank's data stream position
     <tag>/COMPLETE          written after every rank finished; only then is the tag eligible
     latest                  name of the newest complete tag (replaced atomically)
+    <tag>_universal/        optional: `to_universal(<tag>)`, the same state in DeepSpeed's universal
+                            layout (zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt) plus our files;
+                            loads on any number of ranks. Not a tag: auto-resume picks it only in
+                            place of <tag> when the world size changed, rotation removes it with <tag>.
 
 Nothing here pickles code: DeepSpeed's own files hold tensors and plain containers, ours are JSON
 and safetensors.
@@ -16,6 +20,8 @@ and safetensors.
 
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import os
 import re
@@ -28,7 +34,13 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+UNIVERSAL_SUFFIX = "_universal"
+_UNIVERSAL_STATE = os.path.join("zero", "optimizer_state.pt")
 _TAG = re.compile(r"^step(\d{8,})(?:-([a-z_]+))?$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the one-line message says why and what to do."""
 
 
 def make_tag(step: int, phase_end: Optional[str] = None) -> str:
@@ -109,6 +121,7 @@ def rotate(root: str, keep_last: int, keep_phase_ends: bool) -> List[str]:
                 doomed.append(t)
     for t in doomed:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+        shutil.rmtree(os.path.join(root, t + UNIVERSAL_SUFFIX), ignore_errors=True)
     return doomed
 
 
@@ -128,11 +141,142 @@ def load(engine, ema, path: str, rank: int) -> Dict[str, Any]:
     return state
 
 
+# ----------------------------------------------------------------------------- world-size changes
+
+
+def read_state(path: str) -> Dict[str, Any]:
+    """The trainer state (trainer_state.json) of a checkpoint directory."""
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer (no {STATE_FILE})")
+    with open(state_file) as f:
+        return json.load(f)
+
+
+def is_universal(path: str) -> bool:
+    """True for a checkpoint in DeepSpeed's universal layout (loads on any number of ranks)."""
+    return os.path.isfile(os.path.join(path, _UNIVERSAL_STATE))
+
+
+def is_partitioned(path: str) -> bool:
+    """True when DeepSpeed split the optimizer state per rank (ZeRO-1/2/3): such a checkpoint loads
+    only on the world size that wrote it. ZeRO-0 keeps it whole and loads on any world size."""
+    return bool(glob.glob(os.path.join(path, "*_optim_states.pt")))
+
+
+def for_world_size(path: str, world_size: int) -> str:
+    """The directory to load on world_size ranks: path itself, or its universal copy
+    (path + '_universal', made by `to_universal`) when the world size changed and path's
+    optimizer state is partitioned. Raises CheckpointError naming the command that fixes it."""
+    saved = int(read_state(path)["world_size"])
+    if saved == world_size or is_universal(path) or not is_partitioned(path):
+        return path
+    universal = os.path.normpath(path) + UNIVERSAL_SUFFIX
+    if os.path.exists(os.path.join(universal, COMPLETE)) and is_universal(universal):
+        return universal
+    raise CheckpointError(f"checkpoint {path} was written by a world of {saved} with ZeRO-partitioned optimizer "
+                          f"state, this run has {world_size}: run `mdt-universal {path}` once, then rerun "
+                          "(README: Resume)")
+
+
+def to_universal(checkpoint: str, out: Optional[str] = None, workers: int = 1) -> str:
+    """Convert a complete ZeRO-1/2/3 checkpoint into a universal one that resumes on any number of
+    ranks; returns its directory (default: checkpoint + '_universal', where the training command
+    looks for it when the world size changed).
+
+    DeepSpeed's ds_to_universal does the conversion (with inject_missing_state: our engine does not
+    tag its checkpoints for it); our own files (trainer state, EMA, data positions) are copied and
+    COMPLETE is written last. The result is built under OUT.partial and renamed when done.
+    """
+    checkpoint = os.path.normpath(checkpoint)
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    if not os.path.exists(os.path.join(checkpoint, COMPLETE)):
+        tags = complete_tags(checkpoint)
+        hint = f": it holds checkpoints, pass one, e.g. {os.path.join(checkpoint, tags[-1])}" if tags else ""
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {COMPLETE} file){hint}")
+    state = read_state(checkpoint)
+    if is_universal(checkpoint):
+        raise CheckpointError(f"{checkpoint} is already a universal checkpoint")
+    if not is_partitioned(checkpoint):
+        raise CheckpointError(f"{checkpoint} has no ZeRO-partitioned optimizer state (ZeRO stage 0): it resumes on "
+                              "any number of ranks as it is, no conversion needed")
+    out = os.path.normpath(out) if out else checkpoint + UNIVERSAL_SUFFIX
+    if os.path.exists(out):
+        raise CheckpointError(f"{out} already exists: remove it or choose another --out")
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    latest = os.path.join(os.path.dirname(partial), "latest_universal")  # DeepSpeed writes it; tags are explicit here
+    had_latest = os.path.exists(latest)
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=checkpoint, output_folder=partial, num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    try:
+        ds_to_universal.main(args)
+    except Exception as err:  # noqa: BLE001 - reported as one line, the partial output removed
+        shutil.rmtree(partial, ignore_errors=True)
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"DeepSpeed could not convert {checkpoint}: {type(err).__name__}: {detail}") from err
+    finally:
+        if not had_latest and os.path.exists(latest):
+            os.remove(latest)
+    for name in sorted(os.listdir(checkpoint)):
+        if name == EMA_FILE or re.fullmatch(r"data_rank\d+\.json", name):
+            shutil.copy2(os.path.join(checkpoint, name), os.path.join(partial, name))
+    state["universal_from"] = checkpoint
+    _write_atomic(os.path.join(partial, STATE_FILE), json.dumps(state, indent=1, default=str))
+    _write_atomic(os.path.join(partial, COMPLETE), "")
+    os.replace(partial, out)
+    return out
+
+
+def data_states(path: str, world_size: int) -> List[Dict[str, Any]]:
+    """The data stream positions saved by each of world_size ranks."""
+    out = []
+    for r in range(world_size):
+        with open(os.path.join(path, f"data_rank{r}.json")) as f:
+            out.append(json.load(f))
+    return out
+
+
+def rescale_data_state(saved: List[Dict[str, Any]], saved_micro_batch: int, rank: int, world_size: int,
+                       micro_batch: int, steps_per_epoch: int) -> Dict[str, Any]:
+    """Data stream position for `rank` of `world_size` ranks from the positions saved by
+    len(saved) ranks (each with micro batches of saved_micro_batch samples).
+
+    A rank's stream depends on its rank and the world size, so saved positions do not carry over.
+    The new stream starts in the saved epoch after the same number of that epoch's samples (over all
+    ranks), rounded down to whole micro batches of the new world: deterministic for the new world
+    size. The rest of that epoch is drawn afresh (a sample of it may repeat or be left out); later
+    epochs are whole. skipped: each rank keeps its own count (0 for new ranks).
+    """
+    epoch, done = int(saved[0]["epoch"]), int(saved[0]["batches_in_epoch"])  # the same on every rank
+    batches = done * len(saved) * saved_micro_batch // (world_size * micro_batch)
+    if batches >= steps_per_epoch:
+        epoch, batches = epoch + 1, 0
+    return dict(samples_seen=sum(int(s["samples_seen"]) for s in saved) // world_size, epoch=epoch,
+                batches_in_epoch=batches, skipped=int(saved[rank].get("skipped", 0)) if rank < len(saved) else 0)
+
+
+def _universal_weights(checkpoint: str) -> Dict[str, torch.Tensor]:
+    """The fp32 weights of a universal checkpoint: zero/<name>/fp32.pt (tensors only, no code)."""
+    root = os.path.join(checkpoint, "zero")
+    out = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "fp32.pt")
+        if os.path.isfile(path):
+            out[name] = torch.load(path, map_location="cpu", weights_only=True)["param"]
+    return out
+
+
 def checkpoint_weights(checkpoint: str, which: str = "ema") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """(network state dict in float32, trainer state) of a complete checkpoint.
 
     which='ema': the saved average; 'model': the live weights consolidated from the ZeRO shards
-    through DeepSpeed's API (works for every stage, no process group needed).
+    through DeepSpeed's API (works for every stage, no process group needed), or read from a
+    universal checkpoint's zero/ folder.
     """
     from safetensors.torch import load_file
 
@@ -142,10 +286,13 @@ def checkpoint_weights(checkpoint: str, which: str = "ema") -> Tuple[Dict[str, t
         return load_file(os.path.join(checkpoint, EMA_FILE)), state
     if which != "model":
         raise ValueError(f"weights must be 'ema' or 'model', got {which!r}")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if is_universal(checkpoint):
+        full = _universal_weights(checkpoint)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    root, tag = os.path.split(os.path.normpath(checkpoint))
-    full = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        root, tag = os.path.split(os.path.normpath(checkpoint))
+        full = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     prefix = "denoiser.net."
     return {k[len(prefix):]: v.float().contiguous() for k, v in full.items() if k.startswith(prefix)}, state
 

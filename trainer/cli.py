@@ -3,6 +3,7 @@
     deepspeed --num_gpus 8 -m trainer.cli --config launch_configs/maskdit_xl2_256.yaml
     mdt-train --config launch_configs/digits_demo.yaml --set optim.lr=5e-4 --dry-run
     mdt-export runs/NAME/checkpoints/step00010000 --out maskdit_ema.safetensors
+    mdt-universal runs/NAME/checkpoints/step00010000   # then resume on another number of ranks
 """
 
 from __future__ import annotations
@@ -117,6 +118,28 @@ def export_main(argv: Optional[List[str]] = None) -> int:
         return 2
     meta = export_weights(args.checkpoint, args.out, args.which)
     print(f"wrote {args.out} ({meta['weights']} weights of {meta['model']} at step {meta['step']})")
+    return 0
+
+
+def universal_main(argv: Optional[List[str]] = None) -> int:
+    """mdt-universal: convert a ZeRO checkpoint so that training resumes from it on any number of ranks."""
+    p = OneLineParser(prog="mdt-universal", description=universal_main.__doc__)
+    p.add_argument("checkpoint", help="a complete checkpoint directory, e.g. runs/NAME/checkpoints/step00010000")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: CHECKPOINT_universal, where the training command finds it "
+                        "when the number of ranks changed; elsewhere, pass --set checkpoint.resume=OUT)")
+    p.add_argument("--workers", type=int, default=1, help="processes DeepSpeed uses to extract and merge shards")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    from .checkpoint import CheckpointError, to_universal
+
+    try:
+        out = to_universal(args.checkpoint, args.out, args.workers)
+    except CheckpointError as err:
+        print(f"mdt-universal: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: rerun the training command with the new number of ranks to resume from it")
     return 0
 
 

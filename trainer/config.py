@@ -169,7 +169,8 @@ class CheckpointConfig:
     keep_phase_ends: bool = True
     """Never rotate away checkpoints taken at the end of an unmask-tuning phase."""
     resume: str = "auto"
-    """auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint directory."""
+    """auto (latest complete checkpoint in the run dir, if any; its mdt-universal copy when the number
+    of ranks changed), none, or a checkpoint directory."""
 
 
 @dataclass

@@ -86,9 +86,16 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunState:
     manifest = loader.manifest
     latent_shape = tuple(manifest.spec.shape)
     kwargs = model_kwargs(cfg, latent_shape, manifest.num_classes)
+    try:
+        resume = ckpt.find_resume(root, cfg.checkpoint.resume)
+        resume = resume and ckpt.for_world_size(resume, world)
+    except (FileNotFoundError, ckpt.CheckpointError) as err:
+        raise RunStopped(str(err)) from None
+    ds_config = to_deepspeed_json(cfg, world)
+    if resume and ckpt.is_universal(resume):
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg),
-                          to_deepspeed_json(cfg, world), rank, cfg.model.compile)
+    engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank, cfg.model.compile)
     net = engine.module.net
     ema = EMA(build_model(cfg.model.name, **kwargs).to(device), cfg.ema, d.batch_size)
     ema.copy_from(net)
@@ -99,17 +106,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunState:
     monitor = Monitor(cfg.monitor, run_dir, rank, cfg.run.total_steps, device, peak)
     state = RunState()
     try:
-        resume = ckpt.find_resume(root, cfg.checkpoint.resume)
         if resume:
-            saved = ckpt.load(engine, ema, resume, rank)
-            if saved["world_size"] != world:
-                raise RunStopped(f"checkpoint {resume} was written by {saved['world_size']} ranks, this run has "
-                                 f"{world}: convert it to a universal checkpoint first (README: Resume)")
-            state = RunState(saved["step"], saved["images_seen"], saved["nonfinite_skipped"])
-            if saved["data"]:
-                loader.load_state_dict(saved["data"])
-            if rank == 0:
-                print(f"resumed from {resume} at step {state.step}", flush=True)
+            state = _resume(cfg, engine, ema, loader, resume, rank, world)
         elif rank == 0:
             monitor.text("config", f"```\n{cfg.to_dict()}\n```")
             monitor.text("phase_plan", f"```\n{plan.table()}\n```")
@@ -119,6 +117,31 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunState:
     finally:
         monitor.close()
     return state
+
+
+def _resume(cfg, engine, ema, loader, path: str, rank: int, world: int) -> RunState:
+    """Load a checkpoint, check that the weights are the saved ones, place the data stream."""
+    saved = ckpt.load(engine, ema, path, rank)
+    sums = replica_checksums(engine.module.net)  # collective: every rank takes part
+    want = (saved.get("replica_checksums") or [None])[0]
+    if want and any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for s in sums for a, b in zip(s, want)):
+        raise RunStopped(f"weights loaded from {path} differ from the saved ones (checksums {sums} vs {want})")
+    if saved["world_size"] == world:
+        data = saved["data"]
+    else:
+        data = ckpt.rescale_data_state(ckpt.data_states(path, saved["world_size"]),
+                                       saved["config"]["data"]["micro_batch_size"], rank, world,
+                                       cfg.data.micro_batch_size, len(loader))
+        if rank == 0:
+            print(f"warning: {path} was written by a world of {saved['world_size']}, this run has {world}: the data "
+                  f"stream restarts as drawn for {world} at epoch {data['epoch']}, batch {data['batches_in_epoch']} "
+                  "(the same share of the epoch; the rest of this epoch is drawn afresh)", flush=True)
+    if data:
+        loader.load_state_dict(data)
+    if rank == 0:
+        print(f"resumed from {path} at step {saved['step']} (weights match the saved checksums)"
+              if want else f"resumed from {path} at step {saved['step']}", flush=True)
+    return RunState(saved["step"], saved["images_seen"], saved["nonfinite_skipped"])
 
 
 def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape) -> None:

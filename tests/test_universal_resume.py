@@ -1,0 +1,172 @@
+"""Resuming on another number of ranks: a 2-rank ZeRO-2 checkpoint converted with mdt-universal
+continues on 1 rank (CPU, gloo) with its weights, optimizer, EMA, step and phase; the helper's
+one-line errors; the data position for a new world size."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.checkpoint import (COMPLETE, EMA_FILE, STATE_FILE, UNIVERSAL_SUFFIX, CheckpointError, checkpoint_weights,
+                                for_world_size, rescale_data_state, rotate)
+from trainer.cli import universal_main
+from trainer.config import PhasesConfig
+from trainer.phases import PhasePlan
+
+from launcher import STEP_LINE, deepspeed_command, free_port, losses, run, tiny_config, write_config
+
+pytestmark = pytest.mark.timeout(900)
+
+PHASES = {"mask_ratio": 0.5, "unmask_every": 12, "unmask_steps": 3}
+
+
+def logged_phases(output: str) -> dict:
+    out = {}
+    for line in output.splitlines():
+        m = STEP_LINE.match(line.split("] ", 1)[-1] if line.startswith("[") else line)
+        if m:
+            out[int(m.group(1))] = m.group(2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2_two_ranks(digits8, tmp_path_factory):
+    """20 steps of ZeRO-2 on 2 ranks (checkpoint at step 20), converted with mdt-universal."""
+    tmp = tmp_path_factory.mktemp("universal")
+    cfg = tiny_config(digits8, str(tmp / "runs"), run={"total_steps": 20}, checkpoint={"every": 20},
+                      phases=PHASES, monitor={"log_every": 1, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 4})
+    config = write_config(cfg, tmp / "c.yaml")
+    first = run(deepspeed_command(config, free_port()), tmp)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    ckpt = tmp / "runs" / "t" / "checkpoints" / "step00000020"
+    assert universal_main([str(ckpt)]) == 0
+    return tmp, config, ckpt, Path(str(ckpt) + UNIVERSAL_SUFFIX), first.stdout
+
+
+def test_universal_copy_holds_the_saved_state(zero2_two_ranks):
+    _, _, ckpt, uni, _ = zero2_two_ranks
+    assert (uni / COMPLETE).exists() and (uni / "zero" / "optimizer_state.pt").exists()
+    assert not (ckpt.parent / "latest_universal").exists()  # DeepSpeed's pointer: we pass tags explicitly
+    saved, converted = checkpoint_weights(str(ckpt), "model"), checkpoint_weights(str(uni), "model")
+    assert set(saved[0]) == set(converted[0]) and len(saved[0]) > 10
+    for k, v in saved[0].items():
+        assert torch.equal(v, converted[0][k]), k
+    state = json.loads((uni / STATE_FILE).read_text())
+    assert state.pop("universal_from") == str(ckpt)
+    assert state == json.loads((ckpt / STATE_FILE).read_text()) and state["world_size"] == 2
+    ema_a, ema_b = load_file(ckpt / EMA_FILE), load_file(uni / EMA_FILE)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    for r in (0, 1):
+        assert (uni / f"data_rank{r}.json").read_text() == (ckpt / f"data_rank{r}.json").read_text()
+
+
+def test_two_rank_zero2_checkpoint_resumes_on_one_rank(zero2_two_ranks):
+    """Rerunning the same command on 1 rank takes the universal copy: step 20, the saved weights
+    (checksums), a warned data restart, then 10 more steps through an unmask phase."""
+    tmp, config, ckpt, uni, first_out = zero2_two_ranks
+    proc = run(deepspeed_command(config, free_port(), ["--set", "run.total_steps=30"], ["--num_gpus", "1"]), tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {uni} at step 20 (weights match the saved checksums)" in proc.stdout
+    # 20 steps x 2 ranks x 8 = 320 samples of epoch 0 = 40 micro batches of 8 on one rank
+    assert "data stream restarts as drawn for 1 at epoch 0, batch 40" in proc.stdout
+    first, resumed = losses(first_out), losses(proc.stdout)
+    assert sorted(resumed) == list(range(21, 31))
+    assert all(math.isfinite(v) for v in resumed.values())
+    plan = PhasePlan(PhasesConfig(**PHASES), 30, 2)
+    assert logged_phases(proc.stdout) == {s: plan.at(s - 1).phase for s in range(21, 31)}  # unmask at 22-24
+    assert sum(resumed[s] for s in range(26, 31)) < 0.8 * sum(first[s] for s in range(1, 6)), (first, resumed)
+    root = ckpt.parent
+    for tag, images in (("step00000024-unmask", 384), ("step00000030", 480)):
+        state = json.loads((root / tag / STATE_FILE).read_text())
+        assert (root / tag / COMPLETE).exists() and state["world_size"] == 1 and state["images_seen"] == images
+    assert json.loads((root / "step00000030" / "data_rank0.json").read_text())["batches_in_epoch"] == 60
+
+
+def test_resume_stops_when_the_loaded_weights_are_not_the_saved_ones(zero2_two_ranks, tmp_path):
+    tmp, config, _, uni, _ = zero2_two_ranks
+    bad = tmp_path / "bad"
+    shutil.copytree(uni, bad)
+    fp32 = bad / "zero" / "denoiser.net.final_layer.linear.weight" / "fp32.pt"
+    entry = torch.load(fp32, weights_only=True)
+    entry["param"] = entry["param"] + 0.1
+    torch.save(entry, fp32)
+    proc = run(deepspeed_command(config, free_port(), ["--set", f"run.output_dir={tmp_path / 'runs'}",
+                                                       "--set", f"checkpoint.resume={bad}"], ["--num_gpus", "1"]), tmp)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"mdt-train: stopped: weights loaded from {bad} differ from the saved ones" in proc.stderr
+
+
+def _fake_checkpoint(path: Path, world_size: int, partitioned: bool) -> Path:
+    path.mkdir(parents=True)
+    (path / STATE_FILE).write_text(json.dumps({"world_size": world_size, "step": 5}))
+    (path / COMPLETE).write_text("")
+    if partitioned:
+        for r in range(world_size):
+            (path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    return path
+
+
+def test_world_size_change_needs_a_universal_copy(tmp_path):
+    zero2 = _fake_checkpoint(tmp_path / "step00000005", 2, partitioned=True)
+    assert for_world_size(str(zero2), 2) == str(zero2)
+    with pytest.raises(CheckpointError, match=r"written by a world of 2 .* this run has 1: run `mdt-universal "):
+        for_world_size(str(zero2), 1)
+    uni = tmp_path / ("step00000005" + UNIVERSAL_SUFFIX)
+    (uni / "zero").mkdir(parents=True)
+    (uni / "zero" / "optimizer_state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError):  # an incomplete copy is not used
+        for_world_size(str(zero2), 1)
+    (uni / COMPLETE).write_text("")
+    (uni / STATE_FILE).write_text(json.dumps({"world_size": 2}))
+    assert for_world_size(str(zero2), 1) == str(uni) and for_world_size(str(uni), 3) == str(uni)
+    zero0 = _fake_checkpoint(tmp_path / "z0" / "step00000005", 2, partitioned=False)
+    assert for_world_size(str(zero0), 1) == str(zero0)  # ZeRO-0 optimizer state is whole
+    # rotation removes a tag's universal copy with it
+    (tmp_path / "step00000010").mkdir()
+    (tmp_path / "step00000010" / COMPLETE).write_text("")
+    assert rotate(str(tmp_path), 1, True) == ["step00000005"]
+    assert not zero2.exists() and not uni.exists()
+
+
+def test_mdt_universal_reports_bad_input_in_one_line(tmp_path, capsys):
+    def error(argv) -> str:
+        assert universal_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mdt-universal: error: ") and err.count("\n") == 1, err
+        return err
+
+    assert "no such checkpoint directory" in error([str(tmp_path / "missing")])
+    ckpt = _fake_checkpoint(tmp_path / "run" / "step00000005", 2, partitioned=True)
+    assert f"pass one, e.g. {ckpt}" in error([str(ckpt.parent)])
+    (tmp_path / "run" / "step00000005" / COMPLETE).unlink()
+    assert "not a complete checkpoint (no COMPLETE file)" in error([str(ckpt)])
+    (ckpt / COMPLETE).write_text("")
+    (ckpt / STATE_FILE).unlink()
+    assert "not a checkpoint of this trainer (no trainer_state.json)" in error([str(ckpt)])
+    (ckpt / STATE_FILE).write_text(json.dumps({"world_size": 2}))
+    assert "DeepSpeed could not convert" in error([str(ckpt)])  # the shards are not DeepSpeed's
+    assert not list(ckpt.parent.glob("*universal*"))  # nothing half-written left behind
+    zero0 = _fake_checkpoint(tmp_path / "z0", 2, partitioned=False)
+    assert "no conversion needed" in error([str(zero0)])
+    (tmp_path / "taken").mkdir()
+    assert "already exists" in error([str(ckpt), "--out", str(tmp_path / "taken")])
+    with pytest.raises(SystemExit) as usage:  # a usage error, as argparse reports them
+        universal_main([str(ckpt), "--workers", "0"])
+    assert usage.value.code == 2 and capsys.readouterr().err == "mdt-universal: error: --workers must be >= 1, got 0\n"
+
+
+def test_data_position_for_a_new_world_size():
+    saved = [dict(samples_seen=160, epoch=2, batches_in_epoch=10, skipped=1),
+             dict(samples_seen=160, epoch=2, batches_in_epoch=10, skipped=3)]
+    # 2 ranks x 10 batches x 8 = 160 samples of epoch 2 -> 1 rank: 20 batches of 8, or 10 of 16
+    assert rescale_data_state(saved, 8, 0, 1, 8, 224) == dict(samples_seen=320, epoch=2, batches_in_epoch=20, skipped=1)
+    assert rescale_data_state(saved, 8, 0, 1, 16, 112)["batches_in_epoch"] == 10
+    # 4 ranks: 160 // 32 = 5 batches; new ranks start with no skipped samples
+    assert rescale_data_state(saved, 8, 3, 4, 8, 56) == dict(samples_seen=80, epoch=2, batches_in_epoch=5, skipped=0)
+    # rounded down to whole batches; an epoch already used up moves to the next one
+    assert rescale_data_state(saved, 8, 0, 3, 8, 74)["batches_in_epoch"] == 6
+    assert rescale_data_state(saved, 8, 0, 4, 8, 5)["epoch"] == 3
