@@ -15,6 +15,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from .layers import attention_backend
 from .registry import MODELS, build_model
 
 aten = torch.ops.aten
@@ -59,7 +60,8 @@ def count_flops(
     y = torch.zeros(batch_size, dtype=torch.long, device=device)
     kwargs = {"mask_ratio": mask_ratio} if mask_ratio else {}
     counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
-    with counter, torch.set_grad_enabled(backward):
+    # One definition of a model's FLOPs: SDPA's formulas, whichever attention form runs in training.
+    with counter, torch.set_grad_enabled(backward), attention_backend("sdpa"):
         out = model(x, t, y, **kwargs).sample
         if backward:
             out.float().square().mean().backward()

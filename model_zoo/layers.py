@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -115,8 +116,43 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "math")
+_attention_backend = "auto"
+
+
+@contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Within the block, attention uses `name`: 'auto' (default), 'sdpa' or 'math' (matmul + softmax).
+
+    'auto' is SDPA except for half-precision training on CPU, where torch's CPU flash-attention
+    backward is about 2x slower than the two matmuls and softmax it replaces (benchmarks/README).
+    """
+    global _attention_backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (choose from {', '.join(ATTENTION_BACKENDS)})")
+    previous, _attention_backend = _attention_backend, name
+    try:
+        yield
+    finally:
+        _attention_backend = previous
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q, k, v [B, H, N, Dh] by the current backend (see attention_backend)."""
+    backend = _attention_backend
+    if backend == "auto":
+        cpu_half_train = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+                          and torch.is_grad_enabled() and q.requires_grad)
+        backend = "math" if cpu_half_train else "sdpa"
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through scaled_dot_product_attention (flash / fused when available)."""
+    """Multi-head self-attention; through scaled_dot_product_attention (flash / fused when available)
+    except where `attention` picks the faster matmul form."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -129,7 +165,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all tokens of x [B, N, D]."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from model_zoo.layers import gather_tokens, patchify, random_token_mask, unpatchify
+from model_zoo import layers
+from model_zoo.layers import attention_backend, gather_tokens, patchify, random_token_mask, unpatchify
 from model_zoo.registry import MODELS, build_model
 
 TINY = dict(input_size=16, in_channels=4, num_classes=10, hidden_size=32, depth=2, num_heads=2)
@@ -156,3 +157,28 @@ def test_dit_xl2_matches_reference_parameter_count():
     trainable = sum(p.numel() for p in model.parameters())
     assert trainable + model.pos_embed.numel() == 675_129_632
     assert model.pos_embed.numel() == 256 * 1152
+
+
+def test_math_attention_matches_sdpa_and_auto_picks_it_for_cpu_half_training(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    grads = {}
+    for backend in ("sdpa", "math"):
+        with attention_backend(backend):
+            out = layers.attention(q, k, v)
+        grads[backend] = (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(grads["sdpa"], grads["math"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    calls = []
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a: calls.append(1) or a[2])
+    half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    layers.attention(*half)  # CPU + bf16 + grad: the matmul form
+    assert calls == []
+    with torch.no_grad():
+        layers.attention(*half)  # sampling: SDPA
+    layers.attention(q, k, v)  # fp32 training: SDPA
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="flash"):
+        with attention_backend("flash"):
+            pass
