@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from model_zoo.registry import build_model  # noqa: E402
+from trainer.config import DeepSpeedSection, zero_section  # noqa: E402
 
 
 def live_tensor_bytes(exclude: set) -> int:
@@ -47,13 +48,14 @@ BUCKET = int(5e6)
 
 
 def ds_config(stage: int, micro: int, world: int) -> dict:
+    """What the trainer generates for fp32 on CPU (torch's fused AdamW, its ZeRO defaults)."""
+    zero = zero_section(DeepSpeedSection(zero_stage=stage, precision="fp32"), "cpu")
+    # Buckets sized for a small model: DeepSpeed's 5e8-element defaults would add a 2 GB
+    # fp32 buffer that hides the state being measured.
+    zero.update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET, stage3_prefetch_bucket_size=BUCKET)
     return {"train_batch_size": micro * world, "train_micro_batch_size_per_gpu": micro,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-            # Buckets sized for a small model: DeepSpeed's 5e8-element defaults would add a 2 GB
-            # fp32 buffer that hides the state being measured.
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
-                                  "stage3_prefetch_bucket_size": BUCKET},
-            "steps_per_print": 10**9}
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True, "fused": True}},
+            "zero_optimization": zero, "steps_per_print": 10**9}
 
 
 class Net(torch.nn.Module):
@@ -145,7 +147,7 @@ def overhead(args) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     plain = Net(args.model)
-    opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=True)  # the same kernel the engine runs
     torch.manual_seed(0)
     wrapped = Net(args.model)
     engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=wrapped.parameters(),

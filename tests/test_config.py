@@ -35,8 +35,21 @@ def test_overrides_are_typed():
     cfg = load_config(None, ["optim.lr=5e-5", "model.options={depth: 3}", "phases.end_mask_ratio=0.25",
                              "deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}}"])
     assert cfg.optim.lr == 5e-5 and cfg.model.options == {"depth": 3} and cfg.phases.end_mask_ratio == 0.25
-    assert to_deepspeed_json(cfg, 1)["zero_optimization"] == {
+    assert to_deepspeed_json(cfg, 1, "cuda")["zero_optimization"] == {
         "stage": 2, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 1000}
+
+
+def test_engine_defaults_follow_the_device():
+    # On CPU a contiguous gradient buffer is one more copy of every gradient (+8% step time measured
+    # in benchmarks/bench_zero.py overhead); on GPUs it prevents fragmentation. Explicit values win.
+    cfg = load_config(None, ["optim.torch_adam=true"])
+    assert to_deepspeed_json(cfg, 1, "cpu")["zero_optimization"]["contiguous_gradients"] is False
+    assert to_deepspeed_json(cfg, 1, "cuda")["zero_optimization"]["contiguous_gradients"] is True
+    assert to_deepspeed_json(cfg, 1)["zero_optimization"]["contiguous_gradients"] is False  # this machine
+    cfg = load_config(None, ["optim.torch_adam=true", "deepspeed.contiguous_gradients=true"])
+    assert to_deepspeed_json(cfg, 1, "cpu")["zero_optimization"]["contiguous_gradients"] is True
+    assert to_deepspeed_json(cfg, 1, "cpu")["optimizer"]["params"]["fused"] is True
+    assert "fused" not in to_deepspeed_json(load_config(None, []), 1, "cpu")["optimizer"]["params"]
 
 
 @pytest.mark.parametrize("overrides,match", [

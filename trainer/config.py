@@ -119,7 +119,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip (0: off)."""
     torch_adam: bool = False
-    """Use torch's AdamW inside DeepSpeed instead of its fused / CPU kernels (no JIT build)."""
+    """Use torch's fused AdamW inside DeepSpeed instead of its own fused / CPU kernels (no JIT build)."""
 
 
 @dataclass
@@ -205,6 +205,9 @@ class DeepSpeedSection:
     """bf16, fp16 or fp32."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimizer state to CPU memory (stage >= 1)."""
+    contiguous_gradients: Optional[bool] = None
+    """ZeRO >= 1: copy gradients into one buffer as they are produced; default on for accelerators
+    (less fragmentation), off on CPU (where it is only an extra copy of every gradient)."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Advanced keys merged into the generated JSON as given (wins over generated values)."""
 
@@ -422,20 +425,34 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def to_deepspeed_json(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
-    """The DeepSpeed config dict for this launch config and world size.
+def _accelerator_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def zero_section(ds: DeepSpeedSection, device_type: str) -> Dict[str, Any]:
+    """DeepSpeed's zero_optimization block for these settings on a `device_type` ('cpu', 'cuda', ...)."""
+    zero: Dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        contiguous = ds.contiguous_gradients if ds.contiguous_gradients is not None else device_type != "cpu"
+        zero.update(overlap_comm=False, contiguous_gradients=contiguous)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return zero
+
+
+def to_deepspeed_json(cfg: TrainConfig, world_size: int, device_type: Optional[str] = None) -> Dict[str, Any]:
+    """The DeepSpeed config dict for this launch config and world size on `device_type`
+    (default: DeepSpeed's accelerator).
 
     The lr schedule is not DeepSpeed's: the phase plan scales the lr per step, so the optimizer
     is created with the peak lr and the loop sets each group's lr.
     """
     ds, o = cfg.deepspeed, cfg.optim
-    zero: Dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if ds.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    zero = zero_section(ds, device_type or _accelerator_type())
     out: Dict[str, Any] = {
         "train_batch_size": cfg.data.batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
@@ -444,7 +461,7 @@ def to_deepspeed_json(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       **({"torch_adam": True} if o.torch_adam else {})},
+                       **({"torch_adam": True, "fused": True} if o.torch_adam else {})},
         },
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
