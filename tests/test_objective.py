@@ -153,3 +153,24 @@ def test_maskless_network_with_mask_ratio_is_rejected():
         maskdit_loss(den, x0, y, torch.ones(3), noise, 0.5, LossWeighting())
     with pytest.raises(ValueError, match="lambda_mae"):
         maskdit_loss(den, x0, y, torch.ones(3), noise, 0.0, LossWeighting(), lambda_mae=-1.0)
+
+
+@pytest.mark.parametrize("sampler,kind", [("ddpm_cosine", "cosine"), ("ddpm_linear", "linear"), ("lognormal", "linear")])
+def test_vp_preconditioning_uses_the_training_schedule(sampler, kind):
+    from trainer.config import load_config
+    from trainer.sampling import default_sigmas
+    from trainer.task import TrainingModule
+
+    cfg = load_config(None, ["diffusion.preconditioning=vp_eps", f"diffusion.sigma_sampler={sampler}"])
+    net = build_model("DiT-S/8", input_size=8, num_classes=3, hidden_size=32, depth=1, num_heads=2)
+    module = TrainingModule(net, cfg)
+    schedule = module.denoiser.precond.schedule
+    assert schedule.kind == kind
+    if sampler != "lognormal":
+        assert module.sigma_sampler.schedule is schedule  # the timesteps the network sees at training
+    from trainer.diffusion import SIGMA_CEIL
+
+    grid = default_sigmas("ddpm", 10, schedule)  # what mdt-sample uses for the ddpm sampler
+    assert float(grid[0]) == pytest.approx(min(float(schedule.sigmas[-1]), SIGMA_CEIL))
+    linear_top = float(DDPMSchedule("linear").sigmas[-1])
+    assert (float(grid[0]) == pytest.approx(linear_top)) == (kind == "linear")

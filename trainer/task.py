@@ -14,7 +14,7 @@ from torch import nn
 from model_zoo.registry import build_model
 
 from .config import TrainConfig
-from .diffusion import Denoiser, LossWeighting, make_preconditioning, make_sigma_sampler
+from .diffusion import DDPMSchedule, Denoiser, LossWeighting, make_preconditioning, make_sigma_sampler
 from .objective import LossOutput, training_losses
 
 
@@ -36,10 +36,21 @@ def build_network(cfg: TrainConfig, kwargs: Dict[str, Any]) -> nn.Module:
     return net
 
 
+def ddpm_schedule(cfg: TrainConfig) -> Optional[DDPMSchedule]:
+    """The DDPM schedule named by diffusion.sigma_sampler (ddpm_linear / ddpm_cosine), else None.
+
+    One schedule serves the training noise levels, the VP preconditioning's timestep input and the
+    DDPM sampler grid: a cosine-trained network must not be fed linear-schedule timesteps.
+    """
+    name = cfg.diffusion.sigma_sampler
+    return DDPMSchedule(name[len("ddpm_"):]) if name.startswith("ddpm_") else None
+
+
 def build_denoiser(net: nn.Module, cfg: TrainConfig) -> Denoiser:
     """The network with the configured preconditioning."""
     d = cfg.diffusion
-    return Denoiser(net, make_preconditioning(d.preconditioning, sigma_data=d.sigma_data))
+    return Denoiser(net, make_preconditioning(d.preconditioning, sigma_data=d.sigma_data,
+                                              schedule=ddpm_schedule(cfg)))
 
 
 class TrainingModule(nn.Module):
@@ -50,7 +61,8 @@ class TrainingModule(nn.Module):
         d = cfg.diffusion
         self.denoiser = build_denoiser(net, cfg)
         self.weighting = LossWeighting(d.weighting, gamma=d.gamma, sigma_data=d.sigma_data)
-        self.sigma_sampler = make_sigma_sampler(d.sigma_sampler, p_mean=d.p_mean, p_std=d.p_std)
+        self.sigma_sampler = make_sigma_sampler(d.sigma_sampler, p_mean=d.p_mean, p_std=d.p_std,
+                                                schedule=getattr(self.denoiser.precond, "schedule", None))
         self.lambda_mae = d.lambda_mae
 
     @property
