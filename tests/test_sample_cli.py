@@ -120,9 +120,12 @@ def test_sample_cli_writes_pngs_grid_and_adm_npz(tiny_run, tmp_path, capsys):
     assert "step 60, ema weights" in stdout
 
 
-def test_images_depend_on_seed_and_index_only(tiny_run, tmp_path, capsys):
-    """Batch size and rank count change nothing (up to one grey level of float round-off)."""
-    common = ["--classes", "all", "--num", 7, "--steps", 4, "--no-png", "--quiet", "--seed", 5]
+@pytest.mark.parametrize("sampler", ["heun", "ddpm"])
+def test_images_depend_on_seed_and_index_only(tiny_run, tmp_path, capsys, sampler):
+    """Batch size and rank count change nothing (up to one grey level of float round-off), also for
+    ddpm's per-step noise."""
+    common = ["--classes", "all", "--sampler", sampler, "--num", 7, "--steps", 4, "--no-png", "--quiet",
+              "--seed", 5]
     code, _, err = run_cli([tiny_run, "--out", tmp_path / "a", "--batch-size", 7, *common], capsys)
     assert code == 0, err
     code, _, err = run_cli([tiny_run, "--out", tmp_path / "b", "--batch-size", 2, *common], capsys)

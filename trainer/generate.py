@@ -4,10 +4,10 @@
     deepspeed --num_gpus 8 --module trainer.generate runs/NAME/checkpoints --num-images 50000 --out samples/
 
 Image i has label classes[i // per_class] (--per-class) or classes[i % len(classes)] (--num-images) and
-its starting noise from (seed, i) alone, so the images do not depend on the batch size or on the
-number of ranks; under a launcher (RANK / WORLD_SIZE set) rank r makes images r, r + W, r + 2W, ...
-and rank 0 merges them. The ddpm sampler also draws fresh noise at every step from one generator
-per batch, seeded from (seed, the batch's first image): its images depend on the batching.
+its starting noise from (seed, i) alone, and the ddpm sampler's per-step noise from a generator of its
+own seeded from (seed, i), so the images do not depend on the batch size or on the number of
+ranks; under a launcher (RANK / WORLD_SIZE set) rank r makes images r, r + W, r + 2W, ... and rank 0
+merges them.
 
 Written under --out: images/NNNNNN.png (one per image), grid.png (the first --grid images), and
 samples.npz with `arr_0` uint8 [N, H, W, 3] and `arr_1` int64 labels [N] -- the layout of
@@ -175,6 +175,12 @@ def make_labels(classes: Sequence[int], per_class: Optional[int] = None, num: Op
     return np.asarray(classes, np.int64)[np.arange(num) % len(classes)]
 
 
+def step_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of image `index`'s per-step sampler noise (ddpm), from (seed, index) only."""
+    value = int(np.random.SeedSequence([seed, index, 1]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return torch.Generator(device=device).manual_seed(value)
+
+
 def image_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
     """Standard-normal starting noise of image `index`, from (seed, index) only (drawn on CPU)."""
     value = int(np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
@@ -331,14 +337,13 @@ def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: Sam
     bar = _Progress(len(mine), world_size, progress and rank == 0)
     result = GenerateResult(out_dir, None, None, len(labels))
     start = time.time()
-    gen = torch.Generator(device=device)  # the ddpm sampler's per-step noise
     for b in range(batches):
         idx = mine[b * bs:(b + 1) * bs]
         noise = torch.stack([image_noise(settings.seed, int(i), shape) for i in idx]).to(device)
         y = torch.from_numpy(labels[idx]).to(device)
-        gen.manual_seed(int(np.random.SeedSequence([settings.seed, int(idx[0]), 1]).generate_state(1)[0]))
+        gens = [step_generator(settings.seed, int(i), device) for i in idx] if settings.sampler == "ddpm" else None
         out = sample(model.denoiser, noise, y, sigmas.to(device), settings.sampler, settings.guidance_scale,
-                     settings.guidance_interval, skip, generator=gen)
+                     settings.guidance_interval, skip, generator=gens)
         with torch.no_grad():
             images = _to_uint8(decode_latents(out.x, scaling, encoder, decoder))
         if part_images is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -102,13 +102,27 @@ def euler_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
     return x
 
 
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def step_noise(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Standard-normal noise shaped like x from one generator, or one generator per image (then
+    image i's noise depends on its own generator only, not on the batch it is sampled in)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], device=x.device, dtype=x.dtype, generator=g) for g in generator])
+
+
 def ddpm_ancestral_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
-                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                           generator: Generators = None) -> torch.Tensor:
     """Ancestral DDPM sampling in sigma form: the exact DDPM posterior q(x_next | x, x0 = D).
 
     From sigma to sigma' < sigma the posterior adds fresh noise sigma_up^2 = sigma'^2 (sigma^2 -
     sigma'^2) / sigma^2 after a deterministic move to sigma_down = sqrt(sigma'^2 - sigma_up^2); on a
     (respaced) DDPM grid this equals x_{t-1} ~ N(mu_t(x_t, x0), beta_tilde_t) of Ho et al. 2020.
+    `generator`: one for the batch or one per image (see step_noise).
     """
     s = _floats(sigmas)
     for cur, nxt in zip(s[:-1], s[1:]):
@@ -118,8 +132,7 @@ def ddpm_ancestral_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor
             continue
         up = math.sqrt(nxt ** 2 * (cur ** 2 - nxt ** 2) / cur ** 2)
         down = math.sqrt(max(nxt ** 2 - up ** 2, 0.0))
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x = denoised + (down / cur) * (x - denoised) + up * noise
+        x = denoised + (down / cur) * (x - denoised) + up * step_noise(x, generator)
     return x
 
 
@@ -237,10 +250,11 @@ class SampleResult:
 def sample(denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, sampler: str = "heun",
            guidance_scale: float = 1.0, guidance_interval: Optional[Tuple[float, float]] = None,
            skip_cache: Optional[SkipCacheConfig] = None,
-           generator: Optional[torch.Generator] = None) -> SampleResult:
+           generator: Generators = None) -> SampleResult:
     """Generate from standard-normal noise [B, C, H, W] and labels y [B] on the grid `sigmas`.
 
-    sampler: 'heun', 'euler', 'ddim' (= euler) or 'ddpm' (ancestral; uses `generator`).
+    sampler: 'heun', 'euler', 'ddim' (= euler) or 'ddpm' (ancestral; uses `generator`: one, or one
+    per image for batch-independent results).
     Pair 'heun' / 'euler' with karras_sigmas and 'ddpm' / 'ddim' with ddpm_sigmas as a rule;
     any decreasing grid ending in 0 works with any sampler. Put the network in eval() mode first:
     in train() mode it drops labels to the null class at random.
