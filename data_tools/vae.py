@@ -88,6 +88,23 @@ def load_autoencoder(name: str, dtype: torch.dtype = torch.float32):
         hub_log.setLevel(level)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint ($HF_ENDPOINT or huggingface.co) accepts a TCP connection.
+
+    Without this, a machine with no route to the hub spends ~25 s in the hub client's retries
+    before the download fails.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _load(cls, name: str, hint: str, dtype: torch.dtype):
     if os.path.isdir(name):
         try:
@@ -101,6 +118,8 @@ def _load(cls, name: str, hint: str, dtype: torch.dtype):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
         raise DataToolsError(f"VAE {name} is not in the local Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
+    if not hub_reachable():
+        raise DataToolsError(f"VAE {name} is not in the local Hugging Face cache and the hub is unreachable; {hint}")
     try:
         return cls.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
     except Exception:  # network errors come in many types; the hint says what to do

@@ -241,3 +241,19 @@ def test_bad_image_stops_with_its_name_or_is_left_out(tmp_path, capsys):
     man = Manifest.load(str(tmp_path / "b" / MANIFEST_NAME))
     assert man.num_samples == 5 and [s.samples for s in man.shards] == [2, 2, 1]
     assert "s000000004" not in _latents(tmp_path / "b")[1]
+
+
+def test_uncached_hub_vae_without_a_route_fails_at_once(tmp_path, monkeypatch):
+    import socket
+
+    from data_tools.format import DataToolsError
+    from data_tools.vae import load_autoencoder
+
+    with socket.socket() as s:  # a local port nobody listens on stands in for an unreachable hub
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(DataToolsError, match=r"VAE someone/some-vae is not in the local .* hub is unreachable"):
+        load_autoencoder("someone/some-vae")
