@@ -88,21 +88,27 @@ def load_autoencoder(name: str, dtype: torch.dtype = torch.float32):
         hub_log.setLevel(level)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint ($HF_ENDPOINT or huggingface.co) accepts a TCP connection.
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face endpoint ($HF_ENDPOINT or huggingface.co) may be reachable, else
+    a reason naming the host and port that accepted no connection.
 
     Without this, a machine with no route to the hub spends ~25 s in the hub client's retries
-    before the download fails.
+    before the download fails. Behind a proxy (HTTPS_PROXY etc.) nothing is probed: the hub
+    client goes through the proxy, and only it knows the way.
     """
     import socket
     from urllib.parse import urlparse
 
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return True
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
     except OSError:
-        return False
+        return f"{host}:{port} accepted no connection within {timeout:g} s"
 
 
 def _load(cls, name: str, hint: str, dtype: torch.dtype):
@@ -118,8 +124,10 @@ def _load(cls, name: str, hint: str, dtype: torch.dtype):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
         raise DataToolsError(f"VAE {name} is not in the local Hugging Face cache (HF_HUB_OFFLINE is set); {hint}")
-    if not hub_reachable():
-        raise DataToolsError(f"VAE {name} is not in the local Hugging Face cache and the hub is unreachable; {hint}")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise DataToolsError(f"VAE {name} is not in the local Hugging Face cache and the hub is unreachable "
+                             f"({unreachable}); {hint}")
     try:
         return cls.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
     except Exception:  # network errors come in many types; the hint says what to do

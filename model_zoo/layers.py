@@ -137,12 +137,16 @@ def attention_backend(name: str) -> Iterator[None]:
         _attention_backend = previous
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of q, k, v [B, H, N, Dh] by the current backend (see attention_backend)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, training: bool = False) -> torch.Tensor:
+    """Softmax attention of q, k, v [B, H, N, Dh] by the current backend (see attention_backend).
+
+    training: the calling module's mode. 'auto' keys on it rather than on grad mode so that a
+    reentrant activation checkpoint (first forward without grad, recompute with grad) runs the
+    same kernel both times.
+    """
     backend = _attention_backend
     if backend == "auto":
-        cpu_half_train = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-                          and torch.is_grad_enabled() and q.requires_grad)
+        cpu_half_train = training and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
         backend = "math" if cpu_half_train else "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
@@ -166,7 +170,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over all tokens of x [B, N, D]."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out = attention(q, k, v)
+        out = attention(q, k, v, self.training)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -39,13 +39,17 @@ def test_overrides_are_typed():
         "stage": 2, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 1000}
 
 
-def test_engine_defaults_follow_the_device():
+def test_engine_defaults_follow_the_device(monkeypatch):
     # On CPU a contiguous gradient buffer is one more copy of every gradient (+8% step time measured
     # in benchmarks/bench_zero.py overhead); on GPUs it prevents fragmentation. Explicit values win.
     cfg = load_config(None, ["optim.torch_adam=true"])
     assert to_deepspeed_json(cfg, 1, "cpu")["zero_optimization"]["contiguous_gradients"] is False
     assert to_deepspeed_json(cfg, 1, "cuda")["zero_optimization"]["contiguous_gradients"] is True
-    assert to_deepspeed_json(cfg, 1)["zero_optimization"]["contiguous_gradients"] is False  # this machine
+    import trainer.config
+
+    for device, contiguous in (("cpu", False), ("cuda", True)):  # no device given: DeepSpeed's accelerator
+        monkeypatch.setattr(trainer.config, "_accelerator_type", lambda d=device: d)
+        assert to_deepspeed_json(cfg, 1)["zero_optimization"]["contiguous_gradients"] is contiguous
     cfg = load_config(None, ["optim.torch_adam=true", "deepspeed.contiguous_gradients=true"])
     assert to_deepspeed_json(cfg, 1, "cpu")["zero_optimization"]["contiguous_gradients"] is True
     assert to_deepspeed_json(cfg, 1, "cpu")["optimizer"]["params"]["fused"] is True

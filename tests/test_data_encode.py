@@ -254,6 +254,12 @@ def test_uncached_hub_vae_without_a_route_fails_at_once(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(DataToolsError, match=r"VAE someone/some-vae is not in the local .* hub is unreachable"):
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(DataToolsError, match=rf"VAE someone/some-vae is not in the local .* hub is unreachable "
+                                             rf"\(127.0.0.1:{port} accepted no connection"):
         load_autoencoder("someone/some-vae")
+    from data_tools.vae import hub_unreachable
+
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    assert hub_unreachable() is None  # behind a proxy the hub client decides

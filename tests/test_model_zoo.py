@@ -173,11 +173,12 @@ def test_math_attention_matches_sdpa_and_auto_picks_it_for_cpu_half_training(mon
     calls = []
     monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a: calls.append(1) or a[2])
     half = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    layers.attention(*half)  # CPU + bf16 + grad: the matmul form
-    assert calls == []
+    layers.attention(*half, training=True)  # CPU + bf16 + training: the matmul form
     with torch.no_grad():
-        layers.attention(*half)  # sampling: SDPA
-    layers.attention(q, k, v)  # fp32 training: SDPA
+        layers.attention(*half, training=True)  # a reentrant checkpoint's first forward: the same form
+    assert calls == []
+    layers.attention(*half)  # eval (sampling): SDPA
+    layers.attention(q, k, v, training=True)  # fp32 training: SDPA
     assert calls == [1, 1]
     with pytest.raises(ValueError, match="flash"):
         with attention_backend("flash"):

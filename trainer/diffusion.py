@@ -209,6 +209,11 @@ class DiscreteSigma:
         return self.schedule.t_to_sigma(t)
 
 
+def ddpm_schedule_for(sigma_sampler: str) -> Optional[DDPMSchedule]:
+    """The default DDPM schedule a sigma sampler name implies ('ddpm_cosine' -> cosine), else None."""
+    return DDPMSchedule(sigma_sampler[len("ddpm_"):]) if sigma_sampler in ("ddpm_linear", "ddpm_cosine") else None
+
+
 def make_sigma_sampler(name: str, p_mean: float = -1.2, p_std: float = 1.2,
                        schedule: Optional[DDPMSchedule] = None):
     """Sigma sampler by config name: 'lognormal', 'ddpm_linear' or 'ddpm_cosine'.
@@ -218,8 +223,7 @@ def make_sigma_sampler(name: str, p_mean: float = -1.2, p_std: float = 1.2,
     if name == "lognormal":
         return LogNormalSigma(p_mean, p_std)
     if name in ("ddpm_linear", "ddpm_cosine"):
-        kind = name[5:]
-        return DiscreteSigma(schedule if schedule is not None and schedule.kind == kind else DDPMSchedule(kind))
+        return DiscreteSigma(schedule if schedule is not None and schedule.kind == name[5:] else ddpm_schedule_for(name))
     raise ValueError(f"unknown sigma sampler {name!r} (choose from {', '.join(SIGMA_SAMPLERS)})")
 
 

@@ -175,16 +175,19 @@ def make_labels(classes: Sequence[int], per_class: Optional[int] = None, num: Op
     return np.asarray(classes, np.int64)[np.arange(num) % len(classes)]
 
 
+def _seed63(*entropy: int) -> int:
+    """A non-negative 63-bit generator seed mixed from the integers `entropy` (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def step_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of image `index`'s per-step sampler noise (ddpm), from (seed, index) only."""
-    value = int(np.random.SeedSequence([seed, index, 1]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-    return torch.Generator(device=device).manual_seed(value)
+    return torch.Generator(device=device).manual_seed(_seed63(seed, index, 1))
 
 
 def image_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
     """Standard-normal starting noise of image `index`, from (seed, index) only (drawn on CPU)."""
-    value = int(np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(value))
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(_seed63(seed, index)))
 
 
 def _pair(text: Optional[str], option: str) -> Optional[Tuple[float, float]]:

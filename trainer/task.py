@@ -14,7 +14,8 @@ from torch import nn
 from model_zoo.registry import build_model
 
 from .config import TrainConfig
-from .diffusion import DDPMSchedule, Denoiser, LossWeighting, make_preconditioning, make_sigma_sampler
+from .diffusion import (DDPMSchedule, Denoiser, LossWeighting, ddpm_schedule_for, make_preconditioning,
+                        make_sigma_sampler)
 from .objective import LossOutput, training_losses
 
 
@@ -42,8 +43,7 @@ def ddpm_schedule(cfg: TrainConfig) -> Optional[DDPMSchedule]:
     One schedule serves the training noise levels, the VP preconditioning's timestep input and the
     DDPM sampler grid: a cosine-trained network must not be fed linear-schedule timesteps.
     """
-    name = cfg.diffusion.sigma_sampler
-    return DDPMSchedule(name[len("ddpm_"):]) if name.startswith("ddpm_") else None
+    return ddpm_schedule_for(cfg.diffusion.sigma_sampler)
 
 
 def build_denoiser(net: nn.Module, cfg: TrainConfig) -> Denoiser:
