@@ -68,6 +68,7 @@ def test_sigkill_then_same_command_resumes_on_the_same_path(digits8, tmp_path):
     again = run(deepspeed_command(cfg, free_port()), tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed from" in again.stdout and "at step 10" in again.stdout
+    assert "optimizer state: Adam step 10" in again.stdout  # the Adam moments and step came back
     ref, resumed = losses(reference.stdout), losses(again.stdout)
     assert sorted(resumed) == list(range(11, 21))
     for step in range(11, 21):

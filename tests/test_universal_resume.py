@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoint import (COMPLETE, EMA_FILE, STATE_FILE, UNIVERSAL_SUFFIX, CheckpointError, checkpoint_weights,
-                                for_world_size, rescale_data_state, rotate)
+                                for_world_size, optimizer_state_summary, rescale_data_state, resume_data_state,
+                                rotate, save, to_universal)
 from trainer.cli import universal_main
 from trainer.config import PhasesConfig
 from trainer.phases import PhasePlan
@@ -70,7 +71,9 @@ def test_two_rank_zero2_checkpoint_resumes_on_one_rank(zero2_two_ranks):
     tmp, config, ckpt, uni, first_out = zero2_two_ranks
     proc = run(deepspeed_command(config, free_port(), ["--set", "run.total_steps=30"], ["--num_gpus", "1"]), tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"resumed from {uni} at step 20 (weights match the saved checksums)" in proc.stdout
+    # the Adam moments and step came back too (a fresh optimizer would say "fresh")
+    assert f"resumed from {uni} at step 20 (weights match the saved checksums), optimizer state: Adam step 20" \
+        in proc.stdout
     # 20 steps x 2 ranks x 8 = 320 samples of epoch 0 = 40 micro batches of 8 on one rank
     assert "data stream restarts as drawn for 1 at epoch 0, batch 40" in proc.stdout
     first, resumed = losses(first_out), losses(proc.stdout)
@@ -100,9 +103,9 @@ def test_resume_stops_when_the_loaded_weights_are_not_the_saved_ones(zero2_two_r
     assert f"mdt-train: stopped: weights loaded from {bad} differ from the saved ones" in proc.stderr
 
 
-def _fake_checkpoint(path: Path, world_size: int, partitioned: bool) -> Path:
+def _fake_checkpoint(path: Path, world_size: int, partitioned: bool, sums=((1.0, 2.0),)) -> Path:
     path.mkdir(parents=True)
-    (path / STATE_FILE).write_text(json.dumps({"world_size": world_size, "step": 5}))
+    (path / STATE_FILE).write_text(json.dumps({"world_size": world_size, "step": 5, "replica_checksums": sums}))
     (path / COMPLETE).write_text("")
     if partitioned:
         for r in range(world_size):
@@ -121,7 +124,8 @@ def test_world_size_change_needs_a_universal_copy(tmp_path):
     with pytest.raises(CheckpointError):  # an incomplete copy is not used
         for_world_size(str(zero2), 1)
     (uni / COMPLETE).write_text("")
-    (uni / STATE_FILE).write_text(json.dumps({"world_size": 2}))
+    (uni / STATE_FILE).write_text(json.dumps({**json.loads((zero2 / STATE_FILE).read_text()),
+                                              "universal_from": str(zero2)}))
     assert for_world_size(str(zero2), 1) == str(uni) and for_world_size(str(uni), 3) == str(uni)
     zero0 = _fake_checkpoint(tmp_path / "z0" / "step00000005", 2, partitioned=False)
     assert for_world_size(str(zero0), 1) == str(zero0)  # ZeRO-0 optimizer state is whole
@@ -130,6 +134,135 @@ def test_world_size_change_needs_a_universal_copy(tmp_path):
     (tmp_path / "step00000010" / COMPLETE).write_text("")
     assert rotate(str(tmp_path), 1, True) == ["step00000005"]
     assert not zero2.exists() and not uni.exists()
+
+
+def test_a_stale_universal_copy_is_not_used_and_a_rewrite_removes_it(tmp_path):
+    """A run resumed from an older checkpoint rewrites later tags: their universal copies (made
+    from the old tag) are stale. Resuming refuses one; saving the tag again removes it."""
+    root = tmp_path / "checkpoints"
+    tag = _fake_checkpoint(root / "step00000005", 2, partitioned=True, sums=[[1.0, 2.0], [1.0, 2.0]])
+    uni = Path(str(tag) + UNIVERSAL_SUFFIX)
+    (uni / "zero").mkdir(parents=True)
+    (uni / "zero" / "optimizer_state.pt").write_bytes(b"")
+    (uni / COMPLETE).write_text("")
+    state = json.loads((tag / STATE_FILE).read_text())
+    (uni / STATE_FILE).write_text(json.dumps({**state, "replica_checksums": [[1.5, 2.0]], "universal_from": str(tag)}))
+    with pytest.raises(CheckpointError) as err:
+        for_world_size(str(tag), 1)
+    assert str(err.value) == (f"{uni} is stale (made from an earlier {tag}): remove it and rerun "
+                              f"mdt-universal {tag}")
+    (uni / STATE_FILE).write_text(json.dumps({**state, "step": 4, "universal_from": str(tag)}))
+    with pytest.raises(CheckpointError, match="is stale"):
+        for_world_size(str(tag), 1)
+    (uni / STATE_FILE).unlink()
+    with pytest.raises(CheckpointError, match="is stale"):
+        for_world_size(str(tag), 1)
+
+    class Engine:  # writes what DeepSpeed would, minus the tensors
+        def save_checkpoint(self, root, tag, save_latest):
+            (Path(root) / tag).mkdir()
+            (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+
+    class Ema:
+        def state_dict(self):
+            return {"w": torch.zeros(2)}
+
+    Path(str(uni) + ".partial").mkdir()
+    save(Engine(), Ema(), str(root), "step00000005", {"step": 5, "world_size": 2}, {"epoch": 0}, 0, lambda: None)
+    assert (tag / COMPLETE).exists() and not (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000005"]
+
+
+def test_resume_rescales_the_data_position_when_world_or_micro_batch_changes(tmp_path):
+    ckpt = tmp_path / "step00000010"
+    ckpt.mkdir()
+    saved_data = [dict(samples_seen=80, epoch=1, batches_in_epoch=10, skipped=r) for r in (0, 1)]
+    for r, d in enumerate(saved_data):
+        (ckpt / f"data_rank{r}.json").write_text(json.dumps(d))
+    saved = {"world_size": 2, "config": {"data": {"micro_batch_size": 8}}, "data": saved_data[1]}
+    # the same (world size, micro batch size): the saved position as it is
+    assert resume_data_state(saved, str(ckpt), 1, 2, 8, 100) == (saved_data[1], False)
+    # the same world size, micro batches of 16: 10 batches of 8 are 5 of 16
+    data, rescaled = resume_data_state(saved, str(ckpt), 1, 2, 16, 100)
+    assert rescaled and data == dict(samples_seen=80, epoch=1, batches_in_epoch=5, skipped=1)
+    # another world size: 2 ranks x 10 x 8 = 160 samples = 20 batches of 8 on 1 rank
+    assert resume_data_state(saved, str(ckpt), 0, 1, 8, 100) == (
+        dict(samples_seen=160, epoch=1, batches_in_epoch=20, skipped=0), True)
+    # a state without the micro batch size: only the world size decides (as before)
+    legacy = {"world_size": 2, "config": {}, "data": saved_data[0]}
+    assert resume_data_state(legacy, str(ckpt), 0, 2, 16, 100) == (saved_data[0], False)
+    assert resume_data_state(legacy, str(ckpt), 0, 1, 16, 100)[0]["batches_in_epoch"] == 20  # taken as 16s
+
+
+def test_optimizer_state_summary_reads_the_innermost_torch_optimizer():
+    class Held(torch.optim.Optimizer):  # a torch optimizer's state without building one (~1.5 s of imports)
+        def __init__(self):
+            self.state, self.param_groups = {}, []
+
+    adam = Held()
+    wrapper = type("Wrapper", (), {})()  # as DeepSpeed's ZeRO / bf16 optimizers hold theirs
+    wrapper.optimizer = adam
+    assert optimizer_state_summary(wrapper) == optimizer_state_summary(adam) == "fresh"
+    for i in range(2):  # as torch's AdamW leaves it after 3 steps
+        adam.state[i] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+    assert optimizer_state_summary(wrapper) == "Adam step 3"
+    # the real thing, end to end: the resume lines asserted in the launch tests
+
+
+def _fake_ds_to_universal(monkeypatch, fail: bool = False):
+    """Stand-in for DeepSpeed's conversion: writes a universal layout and, as DeepSpeed does,
+    points `latest_universal` next to the output at it."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    def main(args):
+        out = Path(args.output_folder)
+        (out / "zero").mkdir(parents=True)
+        (out / "zero" / "optimizer_state.pt").write_bytes(b"")
+        (out.parent / "latest_universal").write_text(out.name)
+        if fail:
+            raise RuntimeError("disk\nfull")
+
+    monkeypatch.setattr(ds_to_universal, "main", main)
+
+
+def test_mdt_universal_puts_latest_universal_back_and_cleans_up_after_errors(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "checkpoints"
+    ckpt = _fake_checkpoint(root / "step00000005", 2, partitioned=True)
+    (ckpt / "data_rank0.json").write_text("{}")
+    _fake_ds_to_universal(monkeypatch)
+    # no latest_universal before: none after (DeepSpeed's would name the renamed .partial)
+    uni = Path(to_universal(str(ckpt)))
+    assert uni == Path(str(ckpt) + UNIVERSAL_SUFFIX) and (uni / COMPLETE).exists()
+    assert (uni / "data_rank0.json").read_text() == "{}" and not (root / "latest_universal").exists()
+    # one that was there keeps its contents
+    (root / "latest_universal").write_text("someone_elses")
+    to_universal(str(ckpt), str(root / "other"))
+    assert (root / "latest_universal").read_text() == "someone_elses"
+    # an OSError while copying our files: one line naming the path and the error, no .partial left
+    (ckpt / "data_rank1.json").mkdir()  # copying a directory as a file fails
+    assert universal_main([str(ckpt), "--out", str(root / "third")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mdt-universal: error: could not write {root / 'third'} (from {ckpt}): ") and \
+        "data_rank1.json" in err and err.count("\n") == 1, err
+    assert not (root / "third").exists() and not (root / "third.partial").exists()
+    assert (root / "latest_universal").read_text() == "someone_elses"
+    # DeepSpeed failing after it wrote its pointer: the same
+    (ckpt / "data_rank1.json").rmdir()
+    _fake_ds_to_universal(monkeypatch, fail=True)
+    assert universal_main([str(ckpt), "--out", str(root / "fourth")]) == 2
+    assert "DeepSpeed could not convert" in capsys.readouterr().err
+    assert not (root / "fourth.partial").exists() and (root / "latest_universal").read_text() == "someone_elses"
+
+
+def test_rotation_removes_half_written_universal_copies(tmp_path):
+    for step in (5, 10, 15):
+        _fake_checkpoint(tmp_path / f"step{step:08d}", 2, partitioned=True)
+    for name in ("step00000005_universal.partial", "step00000003_universal.partial", "step00000015_universal.partial"):
+        (tmp_path / name).mkdir()
+    assert rotate(str(tmp_path), 2, True) == ["step00000005"]
+    # the doomed tag's and the orphan's go; the one of a kept tag may be a conversion under way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000010", "step00000015",
+                                                          "step00000015_universal.partial"]
 
 
 def test_mdt_universal_reports_bad_input_in_one_line(tmp_path, capsys):

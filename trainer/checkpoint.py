@@ -12,7 +12,8 @@ Layout of run_dir/checkpoints/:
     <tag>_universal/        optional: `to_universal(<tag>)`, the same state in DeepSpeed's universal
                             layout (zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt) plus our files;
                             loads on any number of ranks. Not a tag: auto-resume picks it only in
-                            place of <tag> when the world size changed, rotation removes it with <tag>.
+                            place of <tag> when the world size changed (and only while its trainer
+                            state is <tag>'s), rotation and a rewrite of <tag> remove it.
 
 Nothing here pickles code: DeepSpeed's own files hold tensors and plain containers, ours are JSON
 and safetensors.
@@ -35,6 +36,7 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 UNIVERSAL_SUFFIX = "_universal"
+PARTIAL_SUFFIX = ".partial"
 _UNIVERSAL_STATE = os.path.join("zero", "optimizer_state.pt")
 _TAG = re.compile(r"^step(\d{8,})(?:-([a-z_]+))?$")
 
@@ -88,8 +90,11 @@ def save(engine, ema, root: str, tag: str, state: Dict[str, Any], data_state: Di
     from safetensors.torch import save_file
 
     path = os.path.join(root, tag)
-    if rank == 0 and os.path.exists(path):
-        shutil.rmtree(path)  # a leftover partial save of the same tag (crash during an earlier save)
+    if rank == 0:
+        if os.path.exists(path):
+            shutil.rmtree(path)  # a leftover of the same tag: a partial save, or a run resumed from an older one
+        for stale in (path + UNIVERSAL_SUFFIX, path + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX):
+            shutil.rmtree(stale, ignore_errors=True)  # made from the old <tag>, no longer its state
     barrier()
     engine.save_checkpoint(root, tag=tag, save_latest=False)
     os.makedirs(path, exist_ok=True)
@@ -109,6 +114,8 @@ def rotate(root: str, keep_last: int, keep_phase_ends: bool) -> List[str]:
     """Delete old complete periodic checkpoints beyond the newest keep_last; returns deleted tags.
 
     Incomplete tag directories older than the newest complete one are partial saves: removed too.
+    A deleted tag's universal copy goes with it, and so do half-written universal copies
+    (<tag>_universal.partial, left by an interrupted `mdt-universal`) of tags that are gone.
     """
     tags = complete_tags(root)
     periodic = [t for t in tags if not (keep_phase_ends and _TAG.match(t).group(2))]
@@ -122,6 +129,12 @@ def rotate(root: str, keep_last: int, keep_phase_ends: bool) -> List[str]:
     for t in doomed:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
         shutil.rmtree(os.path.join(root, t + UNIVERSAL_SUFFIX), ignore_errors=True)
+        shutil.rmtree(os.path.join(root, t + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX), ignore_errors=True)
+    suffix = UNIVERSAL_SUFFIX + PARTIAL_SUFFIX
+    for name in os.listdir(root):  # orphans: their tag was deleted before
+        if name.endswith(suffix) and _TAG.match(name[:-len(suffix)]) and \
+                not os.path.exists(os.path.join(root, name[:-len(suffix)])):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return doomed
 
 
@@ -139,6 +152,25 @@ def load(engine, ema, path: str, rank: int) -> Dict[str, Any]:
     data_file = os.path.join(path, f"data_rank{rank}.json")
     state["data"] = json.load(open(data_file)) if os.path.exists(data_file) else None
     return state
+
+
+def optimizer_state_summary(optimizer) -> str:
+    """What the optimizer holds, for the resume line: 'Adam step N' (the largest step count in its
+    state) or 'fresh' (no state yet). Follows `.optimizer` from DeepSpeed's wrapper (ZeRO 1-3, the
+    bf16 optimizer) to the innermost torch optimizer; ZeRO-0 without one is that optimizer."""
+    inner, opt, seen = None, optimizer, set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            inner = opt
+        opt = getattr(opt, "optimizer", None)
+    if inner is None or not inner.state:
+        return "fresh"
+    steps = [s["step"] for s in inner.state.values() if isinstance(s, dict) and "step" in s]
+    steps += [g["step"] for g in inner.param_groups if "step" in g]  # optimizers that count per group
+    if not steps:
+        return "loaded (no step count)"
+    return f"Adam step {max(int(float(s)) for s in steps)}"
 
 
 # ----------------------------------------------------------------------------- world-size changes
@@ -167,16 +199,32 @@ def is_partitioned(path: str) -> bool:
 def for_world_size(path: str, world_size: int) -> str:
     """The directory to load on world_size ranks: path itself, or its universal copy
     (path + '_universal', made by `to_universal`) when the world size changed and path's
-    optimizer state is partitioned. Raises CheckpointError naming the command that fixes it."""
-    saved = int(read_state(path)["world_size"])
+    optimizer state is partitioned. Raises CheckpointError naming the command that fixes it,
+    also when the copy was made from an earlier checkpoint of the same tag (a run resumed from an
+    older checkpoint rewrote the tag)."""
+    state = read_state(path)
+    saved = int(state["world_size"])
     if saved == world_size or is_universal(path) or not is_partitioned(path):
         return path
     universal = os.path.normpath(path) + UNIVERSAL_SUFFIX
     if os.path.exists(os.path.join(universal, COMPLETE)) and is_universal(universal):
+        if not _same_state(state, universal):
+            raise CheckpointError(f"{universal} is stale (made from an earlier {path}): remove it and rerun "
+                                  f"mdt-universal {path}")
         return universal
     raise CheckpointError(f"checkpoint {path} was written by a world of {saved} with ZeRO-partitioned optimizer "
                           f"state, this run has {world_size}: run `mdt-universal {path}` once, then rerun "
                           "(README: Resume)")
+
+
+def _same_state(state: Dict[str, Any], universal: str) -> bool:
+    """Whether the universal copy was made from the checkpoint whose trainer state is `state`:
+    the same step and replica checksums (the copy's own `universal_from` does not count)."""
+    try:
+        copy = read_state(universal)
+    except (CheckpointError, ValueError, OSError):
+        return False
+    return all(copy.get(k) == state.get(k) for k in ("step", "replica_checksums"))
 
 
 def to_universal(checkpoint: str, out: Optional[str] = None, workers: int = 1) -> str:
@@ -186,7 +234,8 @@ def to_universal(checkpoint: str, out: Optional[str] = None, workers: int = 1) -
 
     DeepSpeed's ds_to_universal does the conversion (with inject_missing_state: our engine does not
     tag its checkpoints for it); our own files (trainer state, EMA, data positions) are copied and
-    COMPLETE is written last. The result is built under OUT.partial and renamed when done.
+    COMPLETE is written last. The result is built under OUT.partial and renamed when done; on any
+    failure OUT.partial is removed and a CheckpointError says what went wrong.
     """
     checkpoint = os.path.normpath(checkpoint)
     if not os.path.isdir(checkpoint):
@@ -204,32 +253,56 @@ def to_universal(checkpoint: str, out: Optional[str] = None, workers: int = 1) -
     out = os.path.normpath(out) if out else checkpoint + UNIVERSAL_SUFFIX
     if os.path.exists(out):
         raise CheckpointError(f"{out} already exists: remove it or choose another --out")
-    partial = out + ".partial"
+    partial = out + PARTIAL_SUFFIX
     shutil.rmtree(partial, ignore_errors=True)
-    latest = os.path.join(os.path.dirname(partial), "latest_universal")  # DeepSpeed writes it; tags are explicit here
-    had_latest = os.path.exists(latest)
+    # DeepSpeed points a `latest_universal` file next to its output at it (at OUT.partial, renamed
+    # below): our tags are explicit, so whatever that file held before (or its absence) is put back.
+    latest = os.path.join(os.path.dirname(partial), "latest_universal")
+    try:
+        with open(latest) as f:
+            old_latest: Optional[str] = f.read()
+    except FileNotFoundError:
+        old_latest = None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {latest} (DeepSpeed's conversion would overwrite it): {err}") from err
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=checkpoint, output_folder=partial, num_extract_workers=workers,
                               num_merge_workers=workers, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
     try:
-        ds_to_universal.main(args)
-    except Exception as err:  # noqa: BLE001 - reported as one line, the partial output removed
-        shutil.rmtree(partial, ignore_errors=True)
-        detail = " ".join(str(err).split())[:300]
-        raise CheckpointError(f"DeepSpeed could not convert {checkpoint}: {type(err).__name__}: {detail}") from err
+        try:
+            ds_to_universal.main(args)
+        except Exception as err:  # noqa: BLE001 - reported as one line, the partial output removed
+            detail = " ".join(str(err).split())[:300]
+            raise CheckpointError(f"DeepSpeed could not convert {checkpoint}: {type(err).__name__}: {detail}") from err
+        try:
+            for name in sorted(os.listdir(checkpoint)):
+                if name == EMA_FILE or re.fullmatch(r"data_rank\d+\.json", name):
+                    shutil.copy2(os.path.join(checkpoint, name), os.path.join(partial, name))
+            state["universal_from"] = checkpoint
+            _write_atomic(os.path.join(partial, STATE_FILE), json.dumps(state, indent=1, default=str))
+            _write_atomic(os.path.join(partial, COMPLETE), "")
+            os.replace(partial, out)
+        except OSError as err:
+            raise CheckpointError(f"could not write {out} (from {checkpoint}): {err}") from err
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written left behind
+        raise
     finally:
-        if not had_latest and os.path.exists(latest):
-            os.remove(latest)
-    for name in sorted(os.listdir(checkpoint)):
-        if name == EMA_FILE or re.fullmatch(r"data_rank\d+\.json", name):
-            shutil.copy2(os.path.join(checkpoint, name), os.path.join(partial, name))
-    state["universal_from"] = checkpoint
-    _write_atomic(os.path.join(partial, STATE_FILE), json.dumps(state, indent=1, default=str))
-    _write_atomic(os.path.join(partial, COMPLETE), "")
-    os.replace(partial, out)
+        _restore(latest, old_latest)
     return out
+
+
+def _restore(path: str, text: Optional[str]) -> None:
+    """Put a small file back as it was: holding `text`, or absent for None (best effort)."""
+    try:
+        if text is not None:
+            _write_atomic(path, text)
+        elif os.path.lexists(path):
+            os.remove(path)
+    except OSError:
+        pass
 
 
 def data_states(path: str, world_size: int) -> List[Dict[str, Any]]:
@@ -258,6 +331,24 @@ def rescale_data_state(saved: List[Dict[str, Any]], saved_micro_batch: int, rank
         epoch, batches = epoch + 1, 0
     return dict(samples_seen=sum(int(s["samples_seen"]) for s in saved) // world_size, epoch=epoch,
                 batches_in_epoch=batches, skipped=int(saved[rank].get("skipped", 0)) if rank < len(saved) else 0)
+
+
+def resume_data_state(saved: Dict[str, Any], path: str, rank: int, world_size: int, micro_batch: int,
+                      steps_per_epoch: int) -> Tuple[Optional[Dict[str, Any]], bool]:
+    """(this rank's data stream position, whether it was rescaled) for resuming from checkpoint
+    `path`, whose state `load` returned as `saved`.
+
+    The saved position counts micro batches of the saved world: it is used as it is only when
+    (world size, micro batch size) is the saved pair, else `rescale_data_state` converts it. A
+    state without the micro batch size counts as written with this run's.
+    """
+    saved_world = int(saved["world_size"])
+    saved_micro = ((saved.get("config") or {}).get("data") or {}).get("micro_batch_size")
+    saved_micro = micro_batch if saved_micro is None else int(saved_micro)
+    if (saved_world, saved_micro) == (world_size, micro_batch):
+        return saved.get("data"), False
+    return rescale_data_state(data_states(path, saved_world), saved_micro, rank, world_size, micro_batch,
+                              steps_per_epoch), True
 
 
 def _universal_weights(checkpoint: str) -> Dict[str, torch.Tensor]:

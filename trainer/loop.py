@@ -126,21 +126,22 @@ def _resume(cfg, engine, ema, loader, path: str, rank: int, world: int) -> RunSt
     want = (saved.get("replica_checksums") or [None])[0]
     if want and any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for s in sums for a, b in zip(s, want)):
         raise RunStopped(f"weights loaded from {path} differ from the saved ones (checksums {sums} vs {want})")
-    if saved["world_size"] == world:
-        data = saved["data"]
-    else:
-        data = ckpt.rescale_data_state(ckpt.data_states(path, saved["world_size"]),
-                                       saved["config"]["data"]["micro_batch_size"], rank, world,
-                                       cfg.data.micro_batch_size, len(loader))
-        if rank == 0:
-            print(f"warning: {path} was written by a world of {saved['world_size']}, this run has {world}: the data "
-                  f"stream restarts as drawn for {world} at epoch {data['epoch']}, batch {data['batches_in_epoch']} "
-                  "(the same share of the epoch; the rest of this epoch is drawn afresh)", flush=True)
+    data, rescaled = ckpt.resume_data_state(saved, path, rank, world, cfg.data.micro_batch_size, len(loader))
+    if rescaled and rank == 0:
+        micro = cfg.data.micro_batch_size
+        was_micro = ((saved.get("config") or {}).get("data") or {}).get("micro_batch_size", micro)
+        was, now = f"a world of {saved['world_size']}", f"{world}"
+        if was_micro != micro:
+            was, now = f"{was} with micro batches of {was_micro}", f"{now} with micro batches of {micro}"
+        print(f"warning: {path} was written by {was}, this run has {now}: the data stream restarts as drawn for "
+              f"{world} at epoch {data['epoch']}, batch {data['batches_in_epoch']} (the same share of the epoch; the "
+              "rest of this epoch is drawn afresh)", flush=True)
     if data:
         loader.load_state_dict(data)
     if rank == 0:
-        print(f"resumed from {path} at step {saved['step']} (weights match the saved checksums)"
-              if want else f"resumed from {path} at step {saved['step']}", flush=True)
+        checked = " (weights match the saved checksums)" if want else ""
+        print(f"resumed from {path} at step {saved['step']}{checked}, optimizer state: "
+              f"{ckpt.optimizer_state_summary(engine.optimizer)}", flush=True)
     return RunState(saved["step"], saved["images_seen"], saved["nonfinite_skipped"])
 
 
