@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from model_zoo.registry import build_model  # noqa: E402
 from trainer.config import DeepSpeedSection, zero_section  # noqa: E402
+from trainer.distributed import skip_cpu_shm_allreduce  # noqa: E402
 
 
 def live_tensor_bytes(exclude: set) -> int:
@@ -80,6 +81,7 @@ def memory_one(args) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    skip_cpu_shm_allreduce()  # as the trainer does: no leaked /dev/shm segments
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -144,6 +146,7 @@ def overhead(args) -> None:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29731"))
+    skip_cpu_shm_allreduce()  # as the trainer does: no leaked /dev/shm segments
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     plain = Net(args.model)

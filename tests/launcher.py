@@ -62,7 +62,16 @@ def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None
 
 
 def run(cmd: List[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    """Run a launcher to the end; past `timeout` kill it with its ranks (no orphans left spinning)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def start(cmd: List[str], cwd: Path, log: Path) -> subprocess.Popen:

@@ -5,7 +5,6 @@ ranks; Skip-Cache; one-line errors. Most tests use a tiny checkpoint trained her
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import zipfile
@@ -22,7 +21,7 @@ from trainer.config import config_from_dict
 from trainer.generate import image_noise, main, merge_parts
 from trainer.task import TrainingModule
 
-from launcher import deepspeed_command, env, free_port, run, tiny_config, write_config
+from launcher import deepspeed_command, free_port, run, tiny_config, write_config
 
 
 
@@ -238,7 +237,7 @@ def test_two_ranks_on_a_real_training_checkpoint(digits8, tmp_path, capsys):
     t0 = time.time()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "trainer.generate", str(run_dir), "--out", str(tmp_path / "two"), *map(str, args)]
-    two = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    two = run(cmd, tmp_path, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     print(f"sampling launch {time.time() - t0:.1f}s")
     assert "on 2 rank(s)" in two.stdout and "cached" in two.stdout

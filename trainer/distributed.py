@@ -36,9 +36,30 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ:  # plain `python -m trainer.cli`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if acc.device_name() == "cpu":
+        skip_cpu_shm_allreduce()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
     device = torch.device(acc.device_name(local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU shared-memory all-reduce op out of the process group set-up.
+
+    On the CPU accelerator, DeepSpeed JIT-compiles that op in every rank at start-up and maps one
+    ~66 MiB /dev/shm segment per rank that it never unlinks: every run leaks them until /dev/shm
+    (RAM) is full, and a rank killed while compiling leaves a lock that makes every later start
+    wait forever. The op only serves tensor-parallel inference all-reduce, which the trainer never
+    calls; gradients go through torch.distributed (gloo) either way.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed lazily by DeepSpeed on first access
+    if SHM_OP in compatible:
+        compatible[SHM_OP] = False
 
 
 def _free_port() -> int:
