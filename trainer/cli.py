@@ -87,12 +87,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _train(cfg: TrainConfig) -> int:
     from .distributed import init_distributed, shutdown
     from .loop import RunStopped, train
+    from .watchdog import StallWatchdog
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    watchdog = StallWatchdog(cfg.run.stall_timeout_s, int(os.environ.get("RANK", 0))).start()
+    watchdog.beat("starting the process group (init_distributed)")
     info = init_distributed()
     code = 0
     try:
-        state = train(cfg, info)
+        state = train(cfg, info, watchdog.beat)
         if info.rank == 0:
             print(f"done: {state.step} steps, {state.images_seen} images; run dir {cfg.run.run_dir()}", flush=True)
     except RunStopped as err:
@@ -100,7 +103,9 @@ def _train(cfg: TrainConfig) -> int:
             print(f"mdt-train: stopped: {err}", file=sys.stderr, flush=True)
         code = 3
     finally:
+        watchdog.beat("shutting down the process group")
         shutdown()
+        watchdog.stop()
     return code
 
 

@@ -32,6 +32,10 @@ class RunConfig:
     """Base seed: per-step randomness is derived from (seed, rank, step), data from (seed, rank, worker, position)."""
     total_steps: int = 1000
     """Optimizer steps of the whole run, all phases included."""
+    stall_timeout_s: float = 1800.0
+    """A rank that makes no progress (no finished step, save or sample grid) for this long prints every
+    thread's stack and exits with status 4, so a hung job ends instead of idling until the scheduler's
+    limit; rerunning resumes from the last checkpoint. Covers start-up too. 0 disables."""
 
     def run_dir(self) -> str:
         """Directory holding everything this run writes."""
@@ -363,6 +367,7 @@ def validate(cfg: TrainConfig, world_size: int, check_data: bool = True) -> None
     _check(cfg.model.activation_checkpointing in CHECKPOINT_MODES,
            f"model.activation_checkpointing: {cfg.model.activation_checkpointing!r} is not one of {CHECKPOINT_MODES}")
     _check(cfg.run.total_steps > 0, "run.total_steps must be > 0")
+    _check(cfg.run.stall_timeout_s >= 0, f"run.stall_timeout_s must be >= 0 (0 disables), got {cfg.run.stall_timeout_s}")
     _check(d.micro_batch_size > 0 and d.batch_size > 0, "data.batch_size and data.micro_batch_size must be > 0")
     _check(d.batch_size % (d.micro_batch_size * world_size) == 0,
            f"data.batch_size {d.batch_size} is not divisible by data.micro_batch_size {d.micro_batch_size} "

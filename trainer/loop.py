@@ -6,7 +6,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -74,9 +74,18 @@ class _StopFlag:
         self.requested = True
 
 
-def train(cfg: TrainConfig, dist_info: DistInfo) -> RunState:
-    """Run (or resume) the configured training; returns the final counters."""
+def _no_beat(what: str) -> None:
+    pass
+
+
+def train(cfg: TrainConfig, dist_info: DistInfo, beat: Callable[[str], None] = _no_beat) -> RunState:
+    """Run (or resume) the configured training; returns the final counters.
+
+    `beat(what)` is called at every sign of progress with the work that follows (see
+    trainer.watchdog.StallWatchdog).
+    """
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    beat("opening the data shards")
     run_dir = cfg.run.run_dir()
     root = os.path.join(run_dir, "checkpoints")
     d = cfg.data
@@ -95,6 +104,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunState:
     if resume and ckpt.is_universal(resume):
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    beat("building the engine")
     engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank, cfg.model.compile)
     net = engine.module.net
     ema = EMA(build_model(cfg.model.name, **kwargs).to(device), cfg.ema, d.batch_size)
@@ -107,12 +117,14 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> RunState:
     state = RunState()
     try:
         if resume:
+            beat(f"resuming from {resume}")
             state = _resume(cfg, engine, ema, loader, resume, rank, world)
         elif rank == 0:
             monitor.text("config", f"```\n{cfg.to_dict()}\n```")
             monitor.text("phase_plan", f"```\n{plan.table()}\n```")
-        _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape)
+        _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape, beat)
         if rank == 0:
+            beat("the final sample grid")
             _preview(cfg, ema, manifest, latent_shape, device, monitor, state.step, run_dir)
     finally:
         monitor.close()
@@ -145,13 +157,14 @@ def _resume(cfg, engine, ema, loader, path: str, rank: int, world: int) -> RunSt
     return RunState(saved["step"], saved["images_seen"], saved["nonfinite_skipped"])
 
 
-def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape) -> None:
+def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape, beat) -> None:
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     accum = cfg.accumulation_steps(world)
     stop = _StopFlag()
     batches = loader.batches()
     in_a_row = 0
     while state.step < cfg.run.total_steps:
+        beat(f"step {state.step + 1}")
         ps = plan.at(state.step)
         for group in engine.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * ps.lr_scale
@@ -170,6 +183,7 @@ def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             bad, stop_now = flags.tolist()
             if stop_now:
+                beat(f"saving a checkpoint at step {state.step} (stop requested)")
                 _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, None)
                 raise RunStopped(f"stop requested by signal at step {state.step}; checkpoint saved, rerun to resume")
             if bad:
@@ -200,8 +214,10 @@ def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root
                                      "skipped_steps": float(state.nonfinite_skipped),
                                      "phase_unmask": float(ps.phase != "masked")}, world, ps.phase)
         if cfg.monitor.sample_every and state.step % cfg.monitor.sample_every == 0 and not last and rank == 0:
+            beat(f"the sample grid at step {state.step}")
             _preview(cfg, ema, loader.manifest, latent_shape, device, monitor, state.step, cfg.run.run_dir())
         if ps.phase_end or state.step % cfg.checkpoint.every == 0 or last:
+            beat(f"saving the checkpoint of step {state.step}")
             _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, ps.phase if ps.phase_end else None)
 
 
