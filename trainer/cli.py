@@ -101,7 +101,7 @@ def _train(cfg: TrainConfig) -> int:
     except RunStopped as err:
         if info.rank == 0:
             print(f"mdt-train: stopped: {err}", file=sys.stderr, flush=True)
-        code = 3
+        code = err.exit_code
     finally:
         watchdog.beat("shutting down the process group")
         shutdown()

@@ -37,9 +37,17 @@ class RunConfig:
     thread's stack and exits with status 4, so a hung job ends instead of idling until the scheduler's
     limit; rerunning resumes from the last checkpoint. Covers start-up too. 0 disables."""
 
+    stop_file: Optional[str] = None
+    """While the run trains, creating this file makes it finish the step, save a checkpoint, remove the
+    file and exit with status 5 (as SIGTERM / SIGUSR1 / Ctrl-C do); null: RUN_DIR/STOP."""
+
     def run_dir(self) -> str:
         """Directory holding everything this run writes."""
         return os.path.join(self.output_dir, self.name)
+
+    def stop_path(self) -> str:
+        """The stop file's path (see stop_file)."""
+        return self.stop_file or os.path.join(self.run_dir(), "STOP")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -231,6 +232,14 @@ class _ShardStream(IterableDataset):
         return out + (list(keys),) if self.opts.return_keys else out
 
 
+def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """DataLoader workers ignore stop signals sent to the whole process group (Ctrl-C, scancel, the
+    launcher's SIGTERM): the rank finishes its step and saves first, which needs its workers alive;
+    they exit by themselves when the rank does."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class LatentLoader:
     """Iterable over one epoch of ``(z, y)`` batches from the current position; see module doc.
 
@@ -303,7 +312,8 @@ class LatentLoader:
             replay = self.batches_in_epoch
         if opts.num_workers > 0:
             source = DataLoader(dataset, batch_size=None, num_workers=opts.num_workers,
-                                pin_memory=self.pin_memory, persistent_workers=False)
+                                pin_memory=self.pin_memory, persistent_workers=False,
+                                worker_init_fn=_leave_stop_signals_to_the_rank)
         else:
             source = dataset
         latest: dict[int, int] = {}

@@ -25,7 +25,17 @@ from .task import TrainingModule, build_denoiser, build_network, model_kwargs
 
 
 class RunStopped(RuntimeError):
-    """The run stopped on purpose (non-finite losses, a stop signal); the message says why."""
+    """The run stopped on a problem a rerun would meet again (non-finite losses, a checkpoint that
+    does not load); the message says why. Exit status 3."""
+
+    exit_code = 3
+
+
+class StopRequested(RunStopped):
+    """The run stopped because it was asked to (a signal or the stop file), after saving a
+    checkpoint at a step boundary; rerunning the command resumes. Exit status 5."""
+
+    exit_code = 5
 
 
 def dataset_summary(manifest) -> dict:
@@ -60,18 +70,38 @@ class FlopsPerImage:
 
 
 class _StopFlag:
-    """Set by SIGTERM / SIGINT (e.g. Slurm preemption): save at the next step and exit."""
+    """Set by SIGTERM, SIGUSR1 or a first SIGINT (preemption, scancel, Ctrl-C) or by the stop file:
+    finish the current step, save a checkpoint and exit. A second SIGINT interrupts at once."""
 
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+    def __init__(self, stop_file: str):
+        self.stop_file = stop_file
+        self.reason = ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (tests)
                 pass
 
-    def _handle(self, *_):
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return bool(self.reason)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.reason = self.reason or signal.Signals(signum).name
+
+    def poll_file(self) -> None:
+        """Check for the stop file (rank 0, once per step: one stat)."""
+        if not self.requested and os.path.exists(self.stop_file):
+            self.reason = f"found {self.stop_file}"
+
+    def clear_file(self) -> None:
+        """Remove the stop file once the checkpoint is saved, so that the rerun does not stop at once."""
+        try:
+            os.remove(self.stop_file)
+        except FileNotFoundError:
+            pass
 
 
 def _no_beat(what: str) -> None:
@@ -160,11 +190,14 @@ def _resume(cfg, engine, ema, loader, path: str, rank: int, world: int) -> RunSt
 def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root, kwargs, latent_shape, beat) -> None:
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     accum = cfg.accumulation_steps(world)
-    stop = _StopFlag()
+    stop = _StopFlag(cfg.run.stop_path())
     batches = loader.batches()
     in_a_row = 0
+    stop_after_step = False
     while state.step < cfg.run.total_steps:
         beat(f"step {state.step + 1}")
+        if rank == 0:
+            stop.poll_file()
         ps = plan.at(state.step)
         for group in engine.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * ps.lr_scale
@@ -182,10 +215,9 @@ def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root
             if world > 1:
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             bad, stop_now = flags.tolist()
-            if stop_now:
-                beat(f"saving a checkpoint at step {state.step} (stop requested)")
-                _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, None)
-                raise RunStopped(f"stop requested by signal at step {state.step}; checkpoint saved, rerun to resume")
+            # Acted on at the end of the step: the checkpoint then sits on a step boundary and the
+            # data position excludes nothing the step drew, so the rerun continues exactly.
+            stop_after_step = stop_after_step or bool(stop_now)
             if bad:
                 state.nonfinite_skipped += 1
                 in_a_row += 1
@@ -216,9 +248,15 @@ def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root
         if cfg.monitor.sample_every and state.step % cfg.monitor.sample_every == 0 and not last and rank == 0:
             beat(f"the sample grid at step {state.step}")
             _preview(cfg, ema, loader.manifest, latent_shape, device, monitor, state.step, cfg.run.run_dir())
-        if ps.phase_end or state.step % cfg.checkpoint.every == 0 or last:
+        if ps.phase_end or state.step % cfg.checkpoint.every == 0 or last or stop_after_step:
             beat(f"saving the checkpoint of step {state.step}")
             _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, ps.phase if ps.phase_end else None)
+        if stop_after_step and not last:
+            if rank == 0:
+                stop.clear_file()
+            why = f" ({stop.reason})" if stop.reason else ""
+            raise StopRequested(f"stop requested{why}: checkpoint saved at step {state.step}; rerun the same "
+                                "command to resume")
 
 
 def _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, phase_end: Optional[str]) -> None:
