@@ -20,13 +20,13 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _start_long_run(digits8: str, tmp_path: Path):
-    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 100000},
+    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 2000},
                       monitor={"log_every": 50, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 4})
     config = write_config(cfg, tmp_path / "c.yaml")
     log = tmp_path / "run.log"
     proc = start(deepspeed_command(config, free_port()), tmp_path, log)
     root = tmp_path / "runs" / "t" / "checkpoints"
-    wait_for(root / "step00000010" / COMPLETE, proc)
+    wait_for(root / "step00000010" / COMPLETE, proc, timeout=200)
     return proc, config, log, root
 
 
@@ -41,7 +41,7 @@ def test_stop_file_saves_on_a_step_boundary_and_the_rerun_resumes(digits8, tmp_p
     stop_file = tmp_path / "runs" / "t" / "STOP"
     try:
         stop_file.touch()
-        rc = proc.wait(timeout=300)
+        rc = proc.wait(timeout=150)
     finally:
         kill_group(proc)
     text = log.read_text()
@@ -49,7 +49,8 @@ def test_stop_file_saves_on_a_step_boundary_and_the_rerun_resumes(digits8, tmp_p
     step = _latest_step(root)
     assert step > 10 and f"stop requested (found {stop_file}): checkpoint saved at step {step}" in text, text[-3000:]
     assert not stop_file.exists()  # removed, so the rerun trains on
-    again = run(deepspeed_command(config, free_port(), ["--set", f"run.total_steps={step + 3}"]), tmp_path)
+    again = run(deepspeed_command(config, free_port(), ["--set", f"run.total_steps={step + 3}"]), tmp_path,
+                timeout=200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {root / f'step{step:08d}'} at step {step}" in again.stdout
     assert f"done: {step + 3} steps" in again.stdout
@@ -61,11 +62,10 @@ def test_sigterm_to_the_process_group_saves_before_the_ranks_exit(digits8, tmp_p
         launch = [p for p in psutil.Process(proc.pid).children(recursive=True)
                   if "deepspeed.launcher.launch" in p.cmdline()]
         ranks = [p for p in launch[0].children() if "trainer.cli" in p.cmdline()]
-        workers = [w for r in ranks for w in r.children(recursive=True)]
-        assert len(ranks) == 2 and workers  # data workers get the signal too, and must not die of it
+        assert len(ranks) == 2  # their data workers get the signal too, and must not die of it
         os.killpg(proc.pid, signal.SIGTERM)
         # DeepSpeed's runner dies of SIGTERM at once; the ranks save first, then exit
-        _, alive = psutil.wait_procs(ranks, timeout=300)
+        _, alive = psutil.wait_procs(ranks, timeout=200)
         assert not alive
     finally:
         kill_group(proc)

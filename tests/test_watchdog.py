@@ -41,12 +41,13 @@ def _wait_until(cond, timeout: float = 10.0) -> bool:
 
 def test_beats_keep_it_quiet_and_silence_fires_once_with_the_last_label():
     clock, exits, out = FakeClock(), [], io.StringIO()
-    dog = StallWatchdog(10.0, rank=3, backstop_grace_s=-1, exit_fn=exits.append, stream=out, clock=clock).start()
+    dog = StallWatchdog(10.0, rank=3, backstop_grace_s=-1, exit_fn=exits.append, stream=out, clock=clock,
+                        poll_s=0.005).start()
     try:
         for step in range(1, 6):  # 5 beats 8 s apart: never 10 s without one
             clock.now += 8.0
             dog.beat(f"step {step}")
-            time.sleep(0.1)  # the thread checks every 2.5 s of its period (0.05 s floor): give it turns
+            time.sleep(0.1)  # 20 polls of the thread between beats
         assert exits == [] and not dog.fired
         clock.now += 10.5
         assert _wait_until(lambda: exits)
@@ -56,6 +57,12 @@ def test_beats_keep_it_quiet_and_silence_fires_once_with_the_last_label():
     message = out.getvalue().splitlines()[0]
     assert "rank 3 made no progress for 10s (stuck in: step 5)" in message
     assert "run.stall_timeout_s=10" in message
+
+
+def test_a_stream_without_a_file_descriptor_is_fine():
+    dog = StallWatchdog(30.0, stream=io.StringIO()).start()  # the backstop falls back to sys.__stderr__
+    dog.stop()
+    assert not dog.fired
 
 
 def test_zero_disables_it():
@@ -112,19 +119,19 @@ def test_config_rejects_a_negative_timeout():
 def test_a_frozen_rank_ends_the_job_with_the_last_checkpoint_intact(digits8, tmp_path):
     """SIGSTOP rank 1 mid-run (a frozen node): rank 0 waits in a collective, its watchdog ends it
     with status 4, the launcher ends the job, and the newest complete checkpoint is resumable."""
-    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 100000, "stall_timeout_s": 20},
+    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 2000, "stall_timeout_s": 20},
                       monitor={"log_every": 50, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 4})
     log = tmp_path / "run.log"
     proc = start(deepspeed_command(write_config(cfg, tmp_path / "c.yaml"), free_port()), tmp_path, log)
     try:
         root = tmp_path / "runs" / "t" / "checkpoints"
-        wait_for(root / "step00000010" / COMPLETE, proc)
+        wait_for(root / "step00000010" / COMPLETE, proc, timeout=250)
         launch = [p for p in psutil.Process(proc.pid).children(recursive=True)
                   if "deepspeed.launcher.launch" in p.cmdline()]
         ranks = [p for p in launch[0].children() if "--local_rank=1" in p.cmdline()]  # not its data workers
         assert len(ranks) == 1, [p.cmdline() for p in launch[0].children()]
         os.kill(ranks[0].pid, signal.SIGSTOP)
-        rc = proc.wait(timeout=300)
+        rc = proc.wait(timeout=250)
     finally:
         kill_group(proc)
     text = log.read_text()

@@ -38,8 +38,8 @@ class RunConfig:
     limit; rerunning resumes from the last checkpoint. Covers start-up too. 0 disables."""
 
     stop_file: Optional[str] = None
-    """While the run trains, creating this file makes it finish the step, save a checkpoint, remove the
-    file and exit with status 5 (as SIGTERM / SIGUSR1 / Ctrl-C do); null: RUN_DIR/STOP."""
+    """While the run trains, creating this file makes it remove the file, finish the step, save a
+    checkpoint and exit with status 5 (as SIGTERM / SIGUSR1 / Ctrl-C do); null: RUN_DIR/STOP."""
 
     def run_dir(self) -> str:
         """Directory holding everything this run writes."""

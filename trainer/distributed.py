@@ -57,9 +57,7 @@ def skip_cpu_shm_allreduce() -> None:
     """
     import deepspeed.ops
 
-    compatible = deepspeed.ops.__compatible_ops__  # probed lazily by DeepSpeed on first access
-    if SHM_OP in compatible:
-        compatible[SHM_OP] = False
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False  # the dict is probed lazily on first access
 
 
 def _free_port() -> int:

@@ -92,16 +92,14 @@ class _StopFlag:
         self.reason = self.reason or signal.Signals(signum).name
 
     def poll_file(self) -> None:
-        """Check for the stop file (rank 0, once per step: one stat)."""
+        """Check for the stop file (rank 0, once per step: one stat) and take it away at once, so that
+        neither the rerun nor a longer run started later stops on it."""
         if not self.requested and os.path.exists(self.stop_file):
             self.reason = f"found {self.stop_file}"
-
-    def clear_file(self) -> None:
-        """Remove the stop file once the checkpoint is saved, so that the rerun does not stop at once."""
-        try:
-            os.remove(self.stop_file)
-        except FileNotFoundError:
-            pass
+            try:
+                os.remove(self.stop_file)
+            except FileNotFoundError:
+                pass
 
 
 def _no_beat(what: str) -> None:
@@ -252,8 +250,6 @@ def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root
             beat(f"saving the checkpoint of step {state.step}")
             _save(cfg, engine, ema, loader, state, root, rank, kwargs, world, ps.phase if ps.phase_end else None)
         if stop_after_step and not last:
-            if rank == 0:
-                stop.clear_file()
             why = f" ({stop.reason})" if stop.reason else ""
             raise StopRequested(f"stop requested{why}: checkpoint saved at step {state.step}; rerun the same "
                                 "command to resume")

@@ -6,9 +6,10 @@ be days of idle accelerators. The watchdog turns such a stall into a loud exit w
 what the rank was doing, every thread's stack, then a non-zero exit status. The launcher then
 ends the other ranks, and rerunning the same command resumes from the last complete checkpoint.
 
-Two layers: a Python thread that prints a one-line reason before the stacks (it needs the GIL,
-which blocking waits release), and faulthandler's C-level timer as a backstop for a call that
-holds the GIL forever.
+Two layers: a Python thread that prints a one-line reason before the stacks and exits with
+status 4 (it needs the GIL, which blocking waits release), and faulthandler's C-level timer as a
+backstop for a call that holds the GIL forever; that one prints only the stacks and exits with
+status 1 (faulthandler's own). faulthandler has one such timer per process: the watchdog owns it.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class StallWatchdog:
 
     def __init__(self, timeout_s: float, rank: int = 0, *, backstop_grace_s: float = 60.0,
                  exit_fn: Callable[[int], None] = os._exit, stream: Optional[TextIO] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, poll_s: Optional[float] = None):
         self.timeout_s = float(timeout_s)
+        self.poll_s = poll_s if poll_s is not None else min(max(self.timeout_s / 4, 0.05), 30.0)
         self.rank = rank
         self.backstop_grace_s = backstop_grace_s
         self._exit = exit_fn
@@ -84,13 +86,17 @@ class StallWatchdog:
     def _arm_backstop(self) -> None:
         # Re-armed by the thread while progress is recent, so it fires only if the thread itself
         # cannot run (the GIL held by a stuck call) for timeout + grace.
-        if self.backstop_grace_s >= 0:
-            faulthandler.dump_traceback_later(self.timeout_s + self.backstop_grace_s, exit=True,
-                                              file=self._stream or sys.stderr)
+        if self.backstop_grace_s < 0:
+            return
+        for stream in (self._stream or sys.stderr, sys.__stderr__):
+            try:  # needs a real file descriptor; a captured stderr (tests, notebooks) has none
+                faulthandler.dump_traceback_later(self.timeout_s + self.backstop_grace_s, exit=True, file=stream)
+                return
+            except (AttributeError, ValueError, OSError):
+                continue
 
     def _watch(self) -> None:
-        period = min(max(self.timeout_s / 4, 0.05), 30.0)
-        while not self._done.wait(period):
+        while not self._done.wait(self.poll_s):
             idle = self._clock() - self._last
             if idle < self.timeout_s:
                 self._arm_backstop()
