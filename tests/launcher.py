@@ -88,6 +88,17 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def rank_processes(proc: subprocess.Popen) -> list:
+    """The training ranks under a launcher started with `start` (children of deepspeed's per-node
+    launch process, so not their forked data workers), in local-rank order."""
+    import psutil
+
+    launch = [p for p in psutil.Process(proc.pid).children(recursive=True)
+              if "deepspeed.launcher.launch" in p.cmdline()]
+    ranks = [p for p in launch[0].children() if "trainer.cli" in p.cmdline()]
+    return sorted(ranks, key=lambda p: next(a for a in p.cmdline() if a.startswith("--local_rank=")))
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
     deadline = time.time() + timeout
     while not path.exists():

@@ -14,7 +14,8 @@ import pytest
 
 from trainer.checkpoint import COMPLETE, LATEST, STATE_FILE
 
-from launcher import deepspeed_command, free_port, kill_group, run, start, tiny_config, wait_for, write_config
+from launcher import (deepspeed_command, free_port, kill_group, rank_processes, run, start, tiny_config, wait_for,
+                      write_config)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,9 +60,7 @@ def test_stop_file_saves_on_a_step_boundary_and_the_rerun_resumes(digits8, tmp_p
 def test_sigterm_to_the_process_group_saves_before_the_ranks_exit(digits8, tmp_path):
     proc, _, log, root = _start_long_run(digits8, tmp_path)
     try:
-        launch = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                  if "deepspeed.launcher.launch" in p.cmdline()]
-        ranks = [p for p in launch[0].children() if "trainer.cli" in p.cmdline()]
+        ranks = rank_processes(proc)
         assert len(ranks) == 2  # their data workers get the signal too, and must not die of it
         os.killpg(proc.pid, signal.SIGTERM)
         # DeepSpeed's runner dies of SIGTERM at once; the ranks save first, then exit

@@ -13,13 +13,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from trainer.checkpoint import COMPLETE, LATEST, STATE_FILE
 from trainer.watchdog import STALL_EXIT_CODE, StallWatchdog
 
-from launcher import ROOT, deepspeed_command, free_port, kill_group, start, tiny_config, wait_for, write_config
+from launcher import (ROOT, deepspeed_command, free_port, kill_group, rank_processes, start, tiny_config, wait_for,
+                      write_config)
 
 
 class FakeClock:
@@ -126,11 +126,9 @@ def test_a_frozen_rank_ends_the_job_with_the_last_checkpoint_intact(digits8, tmp
     try:
         root = tmp_path / "runs" / "t" / "checkpoints"
         wait_for(root / "step00000010" / COMPLETE, proc, timeout=250)
-        launch = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                  if "deepspeed.launcher.launch" in p.cmdline()]
-        ranks = [p for p in launch[0].children() if "--local_rank=1" in p.cmdline()]  # not its data workers
-        assert len(ranks) == 1, [p.cmdline() for p in launch[0].children()]
-        os.kill(ranks[0].pid, signal.SIGSTOP)
+        ranks = rank_processes(proc)
+        assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        os.kill(ranks[1].pid, signal.SIGSTOP)
         rc = proc.wait(timeout=250)
     finally:
         kill_group(proc)
