@@ -1,22 +1,28 @@
 """mdt-eval: Frechet distance maths against scipy and closed forms, the FID Inception network (key
-names, shapes, features) without its real weights, the digits classifier / digits FD / accuracy,
-image-set loading, and the CLI on samples of a tiny checkpoint."""
+names, shapes, and features against torch-fidelity's port of the TensorFlow FID graph on the same
+random weights), the digits classifier / digits FD / accuracy, image-set loading, and the CLI on
+samples of a tiny checkpoint."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import math
+import sys
+import types
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 
 from trainer import digits_classifier as dc
 from trainer.evaluate import (digits_accuracy, digits_fd, fd_from_features, feature_stats, frechet_distance,
-                              load_images, main)
-from trainer.inception import WEIGHTS_ENV, FIDInceptionV3, InceptionWeightsError, load_fid_inception
-
-
+                              inception_features, load_images, main)
+from trainer.inception import (WEIGHTS_ENV, FIDInceptionV3, InceptionWeightsError, load_fid_inception,
+                               tf1_resize_bilinear)
 
 
 # ----------------------------------------------------------------------------- Frechet distance
@@ -77,17 +83,47 @@ def test_frechet_distance_from_samples_and_singular_covariances():
 
 def reference_state_dict() -> dict:
     """A random state dict with the key names and shapes of pt_inception-2015-12-05-6726825d.pth
-    (BatchNorm counters left out, as in files saved before they existed)."""
+    (BatchNorm counters left out, as in files saved before they existed).
+
+    Convolutions are He-scaled and batch norms near identity so that the 2048 features still depend
+    on the input after ~45 layers: with small weights everywhere they collapse to a constant, and a
+    comparison of two implementations would pass whatever the preprocessing did."""
     gen = torch.Generator().manual_seed(0)
     state = {}
     for key, value in FIDInceptionV3().state_dict().items():
         if key.endswith("num_batches_tracked"):
             continue
-        if key.endswith("running_var"):
+        if key.endswith("conv.weight"):
+            state[key] = torch.randn(value.shape, generator=gen) * math.sqrt(2 / value[0].numel())
+        elif key.endswith("bn.weight"):
+            state[key] = 1 + 0.1 * torch.randn(value.shape, generator=gen)
+        elif key.endswith("running_var"):
             state[key] = torch.rand(value.shape, generator=gen) + 0.5
         else:
             state[key] = torch.randn(value.shape, generator=gen) * 0.1
     return state
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    """torch-fidelity 0.4.0's InceptionV3 and TF1 resize modules (installed with --no-deps).
+
+    Its package __init__ imports the CLIP extractor, which needs torchvision (not importable beside
+    the CPU torch build), so a bare package module stands in for it while the two modules load."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    assert spec is not None, "torch-fidelity is missing: pip install --no-deps torch-fidelity==0.4.0 (scripts/_env.sh)"
+    saved = {k: v for k, v in sys.modules.items() if k == "torch_fidelity" or k.startswith("torch_fidelity.")}
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = package
+    try:
+        yield types.SimpleNamespace(
+            inception=importlib.import_module("torch_fidelity.feature_extractor_inceptionv3"),
+            resize=importlib.import_module("torch_fidelity.interpolate_compat_tensorflow"))
+    finally:
+        for k in [k for k in sys.modules if k == "torch_fidelity" or k.startswith("torch_fidelity.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
 
 
 def test_inception_has_the_published_fid_layout():
@@ -122,18 +158,74 @@ def test_inception_loads_reference_keys_and_gives_2048_features(tmp_path, monkey
     torch.save(reference_state_dict(), path)
     monkeypatch.setenv(WEIGHTS_ENV, str(path))
     model = load_fid_inception()  # from the environment variable
-    images = torch.rand(2, 3, 32, 32)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         feats = model(images)
         assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and (feats >= 0).all()
-        # a different input size is resized to 299 first: same features as a pre-resized input
-        big = torch.nn.functional.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(model(big), feats)
+        with pytest.raises(ValueError, match=r"expected RGB images \[N, 3, H, W\], got shape \[2, 32, 32, 3\]"):
+            model(images.permute(0, 2, 3, 1))
     # safetensors copies of the same tensors load too
     from safetensors.torch import save_file
 
     save_file(reference_state_dict(), str(tmp_path / "w.safetensors"))
     load_fid_inception(str(tmp_path / "w.safetensors"))
+
+
+def test_inception_features_equal_torch_fidelitys_tf_graph_port(fidelity, tmp_path):
+    """Same random weights, same uint8 images (smaller than, equal to and larger than 299 px): our
+    features through `inception_features` (channel order, input range, TF1 resize, normalisation,
+    pooling) equal torch-fidelity's '2048' features, which match the TensorFlow FID graph."""
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(reference_state_dict(), path)
+    ref = fidelity.inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                         feature_extractor_weights_path=str(path))
+    ours = load_fid_inception(str(path))
+    # torch-fidelity's module has our key names: its weights file loads here, and ours there
+    assert set(ref.state_dict()) == set(FIDInceptionV3().state_dict())
+    rng = np.random.default_rng(0)
+    shapes = [(2, 37, 41, 3), (1, 299, 299, 3), (1, 333, 320, 3)]  # smaller than, equal to, larger than 299
+    sets = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
+    ours_features = []
+    for images in sets:
+        got = inception_features(images, ours, device=torch.device("cpu"))
+        ours_features.append(got)
+        with torch.no_grad():
+            (want,) = ref(torch.from_numpy(images).permute(0, 3, 1, 2))
+        # Measured on torch 2.13 CPU: bit-equal (max difference 0.0) on features of size ~1; the
+        # tolerance leaves room for another reduction order in the final mean on other builds.
+        np.testing.assert_allclose(got, want.double().numpy(), rtol=0, atol=1e-6)
+    # The check can fail: the features depend on the image far beyond the tolerance, and pytorch-fid's
+    # resize (F.interpolate, half-pixel centres) moves them by much more than it too.
+    first = ours_features[0]
+    assert np.abs(first[0] - first[1]).max() > 1e-2
+    small = torch.from_numpy(sets[0]).permute(0, 3, 1, 2).float()
+    with torch.no_grad():  # resized to 299 already, so our resize is the identity
+        pytorch_fid_style = ours(F.interpolate(small, size=(299, 299), mode="bilinear", align_corners=False))
+    assert np.abs(pytorch_fid_style.double().numpy() - first).max() > 1e-2
+
+
+@pytest.mark.parametrize("size_in,size_out", [((37, 41), (299, 299)), ((333, 320), (299, 299)), ((9, 300), (299, 17)),
+                                              ((299, 299), (299, 299))])
+def test_tf1_resize_equals_torch_fidelitys(fidelity, size_in, size_out):
+    x = torch.rand(2, 3, *size_in, generator=torch.Generator().manual_seed(0)) * 255
+    want = fidelity.resize.interpolate_bilinear_2d_like_tensorflow1x(x, size=size_out, align_corners=False)
+    got = tf1_resize_bilinear(x, size_out)
+    assert got.shape == want.shape == (2, 3, *size_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # bit-equal: same float32 taps and lerp order
+    if size_in != size_out:
+        assert not torch.allclose(got, F.interpolate(x, size=size_out, mode="bilinear", align_corners=False))
+
+
+def test_tf1_resize_closed_forms():
+    x = torch.arange(2 * 8 * 6, dtype=torch.float32).reshape(1, 2, 8, 6)
+    assert torch.equal(tf1_resize_bilinear(x, (8, 6)), x)  # identity at the input size
+    # halving samples the even pixels exactly (source = 2 * dst, no half-pixel offset)
+    assert torch.equal(tf1_resize_bilinear(x, (4, 3)), x[:, :, ::2, ::2])
+    # doubling: even outputs are the inputs, odd ones the midpoints, the last column / row clamps
+    row = torch.tensor([[[[0.0, 10.0, 30.0]]]])
+    assert tf1_resize_bilinear(row, (1, 6)).flatten().tolist() == [0.0, 5.0, 10.0, 20.0, 30.0, 30.0]
+    with pytest.raises(ValueError, match="expected float images"):
+        tf1_resize_bilinear(x.to(torch.uint8), (4, 3))
 
 
 def test_inception_weight_errors_are_one_line(tmp_path, monkeypatch):
@@ -187,9 +279,17 @@ def test_fid_cli_and_precomputed_reference_stats(tmp_path, monkeypatch, capsys):
                  "--json", str(out)]) == 0
     assert loaded == ["w.pth"]
     result = json.loads(out.read_text())
-    assert result["fid"] > 0 and result["num_generated"] == 40 and result["num_reference"] == 40
+    assert result["num_generated"] == 40 and result["num_reference"] == 40
     assert f"fid: {result['fid']:.4f}" in capsys.readouterr().out
-    from trainer.evaluate import fid, inception_features
+
+    def direct(images: np.ndarray) -> np.ndarray:
+        """The stand-in's features of RGB values 0..255 in [N, 3, H, W], in one batch."""
+        with torch.no_grad():
+            return stand_in(torch.from_numpy(images).permute(0, 3, 1, 2).float()).double().numpy()
+
+    # the exact value: a wrong channel order, input range or batching in the CLI's path changes it
+    assert result["fid"] == pytest.approx(fd_from_features(direct(a), direct(b)), rel=1e-6)
+    from trainer.evaluate import fid
 
     feats = inception_features(b, stand_in, batch_size=40)
     assert feats.shape == (40, 64)
@@ -279,9 +379,24 @@ def test_eval_cli_on_samples_of_a_tiny_checkpoint(classifier, tmp_path, capsys):
     assert main([npz, "--metrics", "digits_fd,digits_acc", "--digits-classifier", classifier, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert 0.0 <= result["digits_acc"] <= 1.0 and result["digits_fd"] > 0
     assert result["num_generated"] == 20 and result["num_reference"] == 899
     assert f"digits_acc: {result['digits_acc']:.2%}" in printed
+    # the CLI's values are the library's on the npz's images and labels
+    net = dc.load_classifier(classifier)
+    with np.load(npz) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    train, _ = dc.real_digits("train", images.shape[1])
+    assert result["digits_acc"] == dc.accuracy(images, labels, net)
+    assert result["digits_fd"] == pytest.approx(digits_fd(images, train, net), rel=1e-9)
+    # real digits through the same path: right labels score high, labels shifted by one low
+    real, real_labels = dc.real_digits("train", 16)
+    for shift in (0, 1):
+        np.savez(tmp_path / "real.npz", real, (real_labels + shift) % 10)
+        assert main([str(tmp_path / "real.npz"), "--metrics", "digits_acc", "--digits-classifier", classifier,
+                     "--json", str(out)]) == 0
+        acc = json.loads(out.read_text())["digits_acc"]
+        assert (acc > 0.93) if shift == 0 else (acc < 0.1), (shift, acc)
+    capsys.readouterr()
     # a PNG directory has no labels: accuracy needs them
     assert main([str(tmp_path / "s" / "images"), "digits:train", "--metrics", "digits_acc", "--digits-classifier",
                  classifier]) == 2

@@ -8,9 +8,10 @@ Image sets are an `.npz` of uint8 images [N, H, W, 3] under `arr_0` (labels, if 
 a directory of images (read recursively, sorted), or a built-in `digits:train` / `digits:heldout`.
 A reference `.npz` holding `mu` / `sigma` (and no `arr_0`) gives precomputed Inception statistics.
 
-Metrics: `fid` (Inception-v3 pool features, the standard FID configuration; weights from a local
-file), `digits_fd` (Frechet distance in the digit classifier's 128-d features) and `digits_acc`
-(share of generated digits the classifier assigns to their conditioning label; needs labels).
+Metrics: `fid` (Inception-v3 pool features of the TensorFlow FID graph that ADM's evaluator runs,
+preprocessing included; weights from a local file), `digits_fd` (Frechet distance in the digit
+classifier's 128-d features) and `digits_acc` (share of generated digits the classifier assigns to
+their conditioning label; needs labels).
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def _device() -> torch.device:
 @torch.no_grad()
 def inception_features(images: np.ndarray, model=None, weights: Optional[str] = None, batch_size: int = 50,
                        device: Optional[torch.device] = None) -> np.ndarray:
-    """2048-d pool features [N, 2048] (float64) of uint8 images [N, H, W, 3]."""
+    """2048-d pool features [N, 2048] (float64) of uint8 RGB images [N, H, W, 3]. `model` gets float32
+    [N, 3, H, W] batches with values 0..255 (the FID network resizes and normalises them itself)."""
     from .inception import load_fid_inception
 
     device = device or _device()
@@ -156,7 +158,7 @@ def inception_features(images: np.ndarray, model=None, weights: Optional[str] = 
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
-        x = x.permute(0, 3, 1, 2).float().div(255.0)
+        x = x.permute(0, 3, 1, 2).float()  # 0..255, as the TF FID graph takes them
         out.append(model(x).double().cpu().numpy())
     return np.concatenate(out)
 

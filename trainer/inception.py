@@ -1,19 +1,28 @@
 """Inception-v3 in the standard FID configuration, without torchvision.
 
-This is the network of the TensorFlow FID graph (inception-2015-12-05) as ported to PyTorch by
-pytorch-fid (`pt_inception-2015-12-05-6726825d.pth`): torchvision's Inception3 layout with 1008
-classes, no auxiliary head, average pools that do not count padding, and a max pool in the last
-block. Images in [0, 1] are resized to 299x299 (bilinear, align_corners=False), mapped to [-1, 1],
-and the 2048-d global-average-pool features are returned.
+This is the network of the TensorFlow FID graph (inception-2015-12-05, the graph behind TTUR's FID
+and ADM's evaluator, which DiT and MaskDiT report) with its preprocessing: torchvision's Inception3
+layout with 1008 classes, no auxiliary head, average pools that do not count padding, and a max
+pool in the last block. RGB values in 0..255 are resized to 299x299 with TensorFlow 1.x's bilinear
+resize (`tf1_resize_bilinear`), mapped to [-1, 1] by (x - 128) / 128, and the last block's 8x8 map
+is averaged into the 2048-d pool features. The tests check the features against torch-fidelity's
+port of that graph (which its authors check bit for bit against TensorFlow) on the same weights
+and images.
+
+pytorch-fid resizes with `F.interpolate(bilinear, align_corners=False)` instead (half-pixel
+centres) and maps 0..255 to [-1, 1] by 2x/255 - 1, so its numbers differ slightly from these and
+from the ADM evaluator's.
 
 The weights are read from a local file (the `.pth` state dict, or the same tensors as
 `.safetensors`) given as an argument or through $MDT_INCEPTION_WEIGHTS; nothing is downloaded.
+pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` and torch-fidelity's
+`weights-inception-2015-12-05-6726825d.pth` use the same key names as this module.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +31,7 @@ from torch import nn
 WEIGHTS_ENV = "MDT_INCEPTION_WEIGHTS"
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
+INPUT_SIZE = 299
 
 
 class InceptionWeightsError(FileNotFoundError):
@@ -152,8 +162,40 @@ class InceptionE(nn.Module):
         return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
 
 
+def _source_taps(in_size: int, out_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each output index: the lower and upper input index and the weight of the upper one."""
+    # TF1's legacy scaler: source = dst * (in / out) in float32, with no half-pixel offset, so
+    # output pixel 0 samples input pixel 0 exactly and the right / bottom edge is clamped.
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    src = torch.arange(out_size, dtype=torch.float32, device=device) * scale.to(device)
+    lower = src.floor()
+    frac = src - lower
+    lower = lower.long()
+    return lower, (lower + 1).clamp(max=in_size - 1), frac
+
+
+def tf1_resize_bilinear(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of float images [N, C, H, W] to `size` (height, width) as TensorFlow 1.x's
+    `tf.image.resize_bilinear(align_corners=False)` computes it: the resize inside the FID graph.
+    It is not `F.interpolate(bilinear, align_corners=False)`, which samples at half-pixel centres;
+    at the input size it is the identity."""
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"expected float images [N, C, H, W], got {x.dtype} {list(x.shape)}")
+    top, bottom, dy = _source_taps(x.shape[2], size[0], x.device)
+    left, right, dx = _source_taps(x.shape[3], size[1], x.device)
+    dy, dx = dy.to(x.dtype).view(-1, 1), dx.to(x.dtype)
+
+    def along_x(rows: torch.Tensor) -> torch.Tensor:
+        a = rows.index_select(3, left)
+        return a + (rows.index_select(3, right) - a) * dx
+
+    # TF's order of operations (along x in both rows, then along y) keeps the result bit-equal.
+    top_row, bottom_row = along_x(x.index_select(2, top)), along_x(x.index_select(2, bottom))
+    return top_row + (bottom_row - top_row) * dy
+
+
 class FIDInceptionV3(nn.Module):
-    """forward(images in [0, 1], [N, 3, H, W]) -> pool features [N, 2048] (FID's pool3 layer)."""
+    """forward(RGB images [N, 3, H, W], values 0..255) -> pool features [N, 2048] (FID's pool3 layer)."""
 
     def __init__(self, num_classes: int = 1008):
         super().__init__()
@@ -176,8 +218,12 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, num_classes)  # kept so the published state dict loads strictly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        """Pool features [N, 2048] of RGB images [N, 3, H, W] with values in 0..255 (uint8 or float)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected RGB images [N, 3, H, W], got shape {list(x.shape)}")
+        # Resize and normalise in float32, as the TF graph does, whatever dtype the weights have.
+        x = tf1_resize_bilinear(x.to(torch.float32), (INPUT_SIZE, INPUT_SIZE))
+        x = ((x - 128) / 128).to(self.fc.weight.dtype)  # the graph's Sub 128, Mul 1/128 (exact in float)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -185,14 +231,14 @@ class FIDInceptionV3(nn.Module):
         for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
                      "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
             x = getattr(self, name)(x)
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=(2, 3))  # pool_3: the graph's 8x8 average pool over the whole map
 
 
 def resolve_weights(path: Optional[str] = None) -> str:
     """The weights file: `path`, else $MDT_INCEPTION_WEIGHTS; InceptionWeightsError if neither exists."""
     path = path or os.environ.get(WEIGHTS_ENV)
     hint = (f"pass --inception PATH or set ${WEIGHTS_ENV} to a local copy of {WEIGHTS_NAME} "
-            f"(pytorch-fid's FID weights; nothing is downloaded)")
+            f"(pytorch-fid's FID weights; torch-fidelity's copy loads too; nothing is downloaded)")
     if not path:
         raise InceptionWeightsError(f"no Inception weights given: {hint}")
     if not os.path.isfile(path):
