@@ -89,11 +89,19 @@ def test_image_folder_round_trip_with_workers(tmp_path, tiny_vae):
     assert man.has_flip and man.latent["fields"] == ["latent.npy", "latent_flip.npy"]  # the default for photos
     assert man.num_samples == 12 and len(man.shards) == 4 and man.num_classes == 3
     assert man.source["class_names"] == ["class_0", "class_1", "class_2"]
-    loader = build_latent_loader(str(out), 4, num_workers=2, seed=3)
+    loader = build_latent_loader(str(out), 4, num_workers=2, seed=3, return_keys=True, return_draws=True)
     batches = list(loader)
     assert len(batches) == len(loader) == 3 and loader.skipped == 0
-    for z, y in batches:
-        assert z.shape == (4, 4, 8, 8) and torch.isfinite(z).all() and 0 <= int(y.min()) <= int(y.max()) < 3
+    _, stored = _latents(out)
+    scale = np.float32(man.scaling_factor)
+    for z, y, keys, draws in batches:
+        assert z.shape == draws.eps.shape == (4, 4, 8, 8) and z.dtype == torch.float32
+        for j, key in enumerate(keys):
+            latent, flipped, label = stored[key]
+            mean, std = (flipped if draws.flip[j] else latent).astype(np.float32)
+            # Bit for bit: the loader's float32 operations in the same order.
+            assert np.array_equal(z[j].numpy(), (mean + std * draws.eps[j].numpy()) * scale), key
+            assert int(y[j]) == label
     assert main(["verify", str(out), "--quiet"]) == 0
 
 
@@ -206,13 +214,34 @@ def test_verify_names_bad_shards_and_exits_nonzero(tmp_path, capsys):
     assert "000002.tar" in lines[1] and "size" in lines[1]
 
 
-def test_inspect_prints_summary_and_channel_stats(tmp_path, capsys):
+def test_inspect_prints_summary_and_channel_stats(tmp_path, capsys, tiny_vae):
     out = tmp_path / "i"
-    encode_part(_settings(out))
-    assert main(["inspect", str(out), "--samples", "16"]) == 0
-    text = capsys.readouterr().out
-    assert "60 in 3 shards" in text and "scaling factor 1" in text
-    assert "over 16 samples" in text and text.count("\n") >= 10
+    encode_part(_settings(out, encoder="vae", vae=tiny_vae))
+    # 25 samples: all 20 of the first shard and 5 of the second, in manifest order.
+    assert main(["inspect", str(out), "--samples", "25"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("60 in 3 shards" in line for line in lines)
+    assert any("scaling factor 0.18215" in line for line in lines)
+    assert any("over 25 samples, z = (mean + std * eps) * 0.18215:" in line for line in lines)
+    man, stored = _latents(out)
+    moments = np.stack([latent for latent, _, _ in list(stored.values())[:25]]).astype(np.float64)
+    # inspect draws its noise from default_rng(0), one standard normal per latent value.
+    eps = np.random.default_rng(0).standard_normal((25, 4, 8, 8), dtype=np.float32)
+
+    def stats(z):
+        per_channel = z.transpose(1, 0, 2, 3).reshape(4, -1)
+        return np.stack([per_channel.mean(1), per_channel.std(1)], axis=1)
+
+    want = stats((moments[:, 0] + moments[:, 1] * eps) * man.scaling_factor)
+    # The comparison below can tell a dropped std or scale apart (printed to 4 decimals).
+    assert np.abs(stats(moments[:, 0] * man.scaling_factor) - want).max() > 1e-3
+    assert np.abs(stats(moments[:, 0] + moments[:, 1] * eps) - want).max() > 1e-3
+    head = lines.index("  channel      mean       std")
+    printed = np.array([[float(v) for v in line.split()] for line in lines[head + 1:head + 5]])
+    assert printed[:, 0].tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(printed[:, 1:], want, rtol=0, atol=5.1e-5)
+    overall = float(lines[head + 5].split()[2])
+    assert overall == pytest.approx(np.sqrt((want[:, 1] ** 2).mean()), abs=5.1e-5)
 
 
 @pytest.mark.parametrize("argv, culprit", [

@@ -182,3 +182,92 @@ def test_pipe_urls_and_brace_patterns(dataset):
                                      manifest=os.path.join(dataset, MANIFEST_NAME))
         keys, _ = _keys(loader)
         assert sorted(keys) == sorted(set(keys)) and len(keys) == N
+
+
+SHAPE = (4, 8, 8)  # C, H, W of the hand-made posterior dataset
+SCALE = 0.37  # not 1 (a dropped scale shows), and not exact in float32
+
+
+def _moments(rng):
+    """float16 [2, C, H, W]: a random mean and a positive std."""
+    return np.stack([rng.standard_normal(SHAPE), rng.uniform(0.2, 1.5, SHAPE)]).astype(np.float16)
+
+
+def _posterior_draw(moments, eps, scale):
+    """(mean + std * eps) * scale in float32, in the loader's order, from stored float16 moments."""
+    mean, std = moments.astype(np.float32)
+    return torch.from_numpy((mean + std * eps.numpy()) * np.float32(scale))
+
+
+@pytest.fixture(scope="module")
+def posterior_dataset(tmp_path_factory):
+    """8 shards x 12 samples with random mean/std moments and a distinct flipped latent; returns
+    (root, {key: (latent, flipped, label)})."""
+    root = tmp_path_factory.mktemp("posterior")
+    rng = np.random.default_rng(0)
+    stored, shards = {}, []
+    for s in range(8):
+        shard = root / f"post-{s:06d}.tar"
+        with tarfile.open(shard, "w") as tar:
+            for i in range(12):
+                key, latent, flipped, label = f"r{s}s{i:02d}", _moments(rng), _moments(rng), int(rng.integers(5))
+                stored[key] = (latent, flipped, label)
+                sample = encode_sample(key, latent, label, flipped=flipped)
+                for field in sorted(k for k in sample if k != "__key__"):
+                    _member(tar, f"{key}.{field}", sample[field])
+        shards.append(ShardInfo(shard.name, 12, shard.stat().st_size, sha256_file(str(shard))))
+    man = Manifest(latent=dict(shape=list(SHAPE), moments=["mean", "std"], dtype="float16"),
+                   scaling_factor=SCALE, encoder=dict(kind="vae", id="test"), source=dict(spec="test"),
+                   resolution=64, has_flip=True, num_classes=5, num_samples=96, shards=shards)
+    (root / MANIFEST_NAME).write_text(man.to_json())
+    return str(root), stored
+
+
+def _draw_epoch(loader):
+    return [(z.clone(), y.clone(), tuple(k), d.flip.clone(), d.eps.clone()) for z, y, k, d in loader]
+
+
+def test_posterior_draws_and_flips_match_the_shards_and_repeat_after_resume(posterior_dataset):
+    root, stored = posterior_dataset
+    opts = dict(num_workers=2, seed=7, shuffle_buffer=10, return_keys=True, return_draws=True)
+    flips, noise = [], []
+    for rank in range(2):
+        epoch = _draw_epoch(build_latent_loader(root, 4, rank, 2, **opts))
+        assert len(epoch) == 96 // (2 * 4)
+        for z, y, keys, flip, eps in epoch:
+            assert flip.dtype == torch.bool and z.dtype == eps.dtype == torch.float32
+            assert z.shape == eps.shape == (4, *SHAPE)
+            for j, key in enumerate(keys):
+                latent, flipped, label = stored[key]
+                # Bit for bit: the loader's float32 operations in the same order.
+                assert torch.equal(z[j], _posterior_draw(flipped if flip[j] else latent, eps[j], SCALE)), key
+                assert int(y[j]) == label
+            assert abs(float(eps.mean())) < 0.15 and 0.85 < float(eps.std()) < 1.15  # N(0, 1)-ish
+            flips += flip.tolist()
+            noise.append(eps.flatten())
+        # Stop after 5 steps (not a multiple of the 2 workers), resume in a fresh loader: the same
+        # samples, flips and noise follow.
+        partial = build_latent_loader(root, 4, rank, 2, **opts)
+        for step, _ in enumerate(partial):
+            if step == 4:
+                break
+        state = partial.state_dict()
+        assert state["batches_in_epoch"] == 5
+        resumed = build_latent_loader(root, 4, rank, 2, **opts)
+        resumed.load_state_dict(state)
+        after = _draw_epoch(resumed)
+        assert len(after) == len(epoch) - 5
+        for step, (got, want) in enumerate(zip(after, epoch[5:]), 5):
+            assert got[2] == want[2], f"keys of step {step}"
+            for name, a, b in zip(("z", "labels", "flips", "eps"), got[:2] + got[3:], want[:2] + want[3:]):
+                assert torch.equal(a, b), f"{name} of step {step} after resume"
+    assert len(flips) == 96 and 0.35 < np.mean(flips) < 0.65  # both sides, about half each
+    noise = torch.stack(noise)
+    assert len(torch.unique(noise, dim=0)) == len(noise)  # fresh noise for every batch of both ranks
+    # Without sampling or flips: no noise drawn, z = mean * scale from the unflipped latent.
+    plain = build_latent_loader(root, 32, num_workers=0, resampled=False, hflip=False, sample_posterior=False,
+                                return_keys=True, return_draws=True)
+    for z, _, keys, draws in plain:
+        assert draws.eps is None and not draws.flip.any()
+        want = np.stack([stored[key][0][0] for key in keys]).astype(np.float32) * np.float32(SCALE)
+        assert np.array_equal(z.numpy(), want)

@@ -15,6 +15,10 @@ continues, so the resumed stream is the uninterrupted one, batch for batch.
 Bad input (unreadable or truncated shard, missing field, wrong shape or dtype, bad label) is
 skipped with a warning naming shard and key and counted in ``LatentLoader.skipped``; batches
 keep their shape.
+
+``LoaderOptions.return_draws`` makes every batch carry what was drawn for it (``Draws``: the flip
+choices and the exact noise), so tests can recompute ``z`` from the stored moments; training
+leaves it off.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -68,8 +72,21 @@ class LoaderOptions:
     """Manifest path or URL when ``shards`` is a pattern whose directory has none."""
     return_keys: bool = False
     """Yield (z, y, keys) instead of (z, y); for tests and evaluation."""
+    return_draws: bool = False
+    """Append a ``Draws`` (flip choices, noise) to every batch: (z, y[, keys], draws); for tests
+    that recompute z from the shards. Off in training: the noise copy costs a batch of memory."""
     max_warnings: int = 20
     """Warnings logged per worker before they are only counted."""
+
+
+class Draws(NamedTuple):
+    """What the stream drew for one batch (``LoaderOptions.return_draws``)."""
+
+    flip: torch.Tensor
+    """bool [B]: sample i was taken from its flipped latent (``latent_flip.npy``)."""
+    eps: torch.Tensor | None
+    """float32 [B, C, H, W]: the noise of ``z = (mean + std * eps) * scale``, exactly as used;
+    None when no noise was drawn (single-moment data or ``sample_posterior=False``)."""
 
 
 def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tuple[list[str], Manifest]:
@@ -177,16 +194,20 @@ class _ShardStream(IterableDataset):
             return None
         return latent, label
 
-    def _batch(self, arrays: list[np.ndarray], eps_seed: int, index: int) -> torch.Tensor:
+    def _batch(self, arrays: list[np.ndarray], eps_seed: int, index: int
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z of batch ``index`` and, with ``return_draws``, the noise it used (else None)."""
         moments = torch.from_numpy(np.stack(arrays))  # float16 [B, K, C, H, W]
         if moments.shape[1] > 1 and self.opts.sample_posterior:
             # Noise seeded per batch, so batches skipped on resume need not draw theirs.
             gen = torch.Generator().manual_seed(int(np.random.SeedSequence([eps_seed, index]).generate_state(1)[0]))
             # In place on the float32 noise (float16 operands promote inside the kernels): this
-            # is the worker's main arithmetic cost per batch.
+            # is the worker's main arithmetic cost per batch; so return_draws copies the noise
+            # before it is overwritten.
             eps = torch.randn(moments[:, 0].shape, generator=gen)
-            return eps.mul_(moments[:, 1]).add_(moments[:, 0]).mul_(self.scale)
-        return moments[:, 0].float().mul_(self.scale)
+            drawn = eps.clone() if self.opts.return_draws else None
+            return eps.mul_(moments[:, 1]).add_(moments[:, 0]).mul_(self.scale), drawn
+        return moments[:, 0].float().mul_(self.scale), None
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -202,34 +223,40 @@ class _ShardStream(IterableDataset):
         rnd = random.Random(int(rng.integers(2**63)))
         eps_seed = int(rng.integers(2**63))
         decode, bs = FastArrayDecoder(self.spec), self.opts.batch_size
-        arrays, labels, keys, made = [], [], [], 0
+        arrays, labels, keys, flips, made = [], [], [], [], 0
         for url, key, fields in self._shuffled(self._samples(self.urls[reader::workers], rng), rnd):
-            got = self._decode(url, key, fields, self.use_flip and rnd.random() < 0.5, decode)
+            flip = self.use_flip and rnd.random() < 0.5
+            got = self._decode(url, key, fields, flip, decode)
             if got is None:
                 continue
             arrays.append(got[0])
             labels.append(got[1])
             keys.append(key)
+            flips.append(flip)
             if len(arrays) == bs:
                 if made >= done:
-                    yield self._emit(arrays, labels, keys, eps_seed, made, worker)
+                    yield self._emit(arrays, labels, keys, flips, eps_seed, made, worker)
                 else:
                     self.base = self.skipped  # delivered before the checkpoint, skips counted then
-                arrays, labels, keys, made = [], [], [], made + 1
+                arrays, labels, keys, flips, made = [], [], [], [], made + 1
                 if quota is not None and made >= quota:
                     break
         else:
             if arrays and not self.opts.drop_last:
-                yield self._emit(arrays, labels, keys, eps_seed, made, worker)
+                yield self._emit(arrays, labels, keys, flips, eps_seed, made, worker)
         if self.skipped - self.base != self.reported:  # skips after the last batch still count
-            yield self._emit([], [], [], eps_seed, made, worker)
+            yield self._emit([], [], [], [], eps_seed, made, worker)
 
-    def _emit(self, arrays, labels, keys, eps_seed, index, worker) -> tuple:
+    def _emit(self, arrays, labels, keys, flips, eps_seed, index, worker) -> tuple:
         # The worker's cumulative skip count rides along so the main process can sum it.
         self.reported = self.skipped - self.base
-        z = self._batch(arrays, eps_seed, index) if arrays else torch.empty(0)
+        z, eps = self._batch(arrays, eps_seed, index) if arrays else (torch.empty(0), None)
         out = (z, torch.tensor(labels, dtype=torch.long), worker, self.reported)
-        return out + (list(keys),) if self.opts.return_keys else out
+        if self.opts.return_keys:
+            out += (list(keys),)
+        if self.opts.return_draws:
+            out += (Draws(torch.tensor(flips, dtype=torch.bool), eps),)
+        return out
 
 
 def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
@@ -241,7 +268,8 @@ def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
 
 
 class LatentLoader:
-    """Iterable over one epoch of ``(z, y)`` batches from the current position; see module doc.
+    """Iterable over one epoch of ``(z, y)`` batches (``(z, y[, keys][, draws])`` with
+    ``return_keys`` / ``return_draws``) from the current position; see module doc.
 
     ``skipped`` counts bad samples and unreadable shard parts; ``state_dict()`` /
     ``load_state_dict()`` carry the position for resuming; ``batches()`` never ends.
@@ -318,7 +346,7 @@ class LatentLoader:
             source = dataset
         latest: dict[int, int] = {}
         done = 0
-        for z, y, worker, skipped, *keys in source:
+        for z, y, worker, skipped, *extra in source:
             # Workers report cumulative skip counts; add the growth, except for replayed batches.
             grew = skipped - latest.get(worker, 0)
             latest[worker] = skipped
@@ -331,7 +359,7 @@ class LatentLoader:
                 continue
             self.samples_seen += len(y)
             self.batches_in_epoch += 1
-            yield (z, y, keys[0]) if keys else (z, y)
+            yield (z, y, *extra)  # extra: [keys][, draws], as the options ask
         self.epoch += 1
         self.batches_in_epoch = 0
 
