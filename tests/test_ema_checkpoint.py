@@ -1,12 +1,14 @@
 """EMA maths and restore; checkpoint bookkeeping (complete marker, latest, rotation)."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.checkpoint import COMPLETE, LATEST, complete_tags, find_resume, make_tag, rotate
+from trainer.checkpoint import COMPLETE, EMA_FILE, LATEST, complete_tags, find_resume, load, make_tag, rotate, save
 from trainer.config import EMAConfig
 from trainer.ema import EMA
 
@@ -47,6 +49,55 @@ def test_ema_half_life_in_images():
     assert d ** 10 == pytest.approx(0.5)  # 10 steps of 100 images = one half-life
     ramped = EMA(Tiny(), EMAConfig(half_life_images=1000, warmup=True), images_per_step=100)
     assert ramped.decay(2000) == pytest.approx(0.5 ** (100 / 100))  # half-life capped at 5% of 2000 images
+
+
+def test_ema_updates_every_n_steps_at_the_right_steps():
+    live, shadow = Tiny(), Tiny()
+    ema = EMA(shadow, EMAConfig(decay=0.5, warmup=False, update_every=3), images_per_step=4)
+    ema.copy_from(live)
+    expected = live.lin.weight.detach().clone()
+    done = []
+    for step in range(1, 11):
+        with torch.no_grad():
+            live.lin.weight.add_(1.0)
+        if ema.step_done(step, live, images_seen=4 * step):
+            done.append(step)
+            expected = 0.5 * expected + 0.5 * live.lin.weight.detach()
+    assert done == [3, 6, 9] and ema.updates == 3
+    torch.testing.assert_close(ema.module.lin.weight, expected)
+    # the half-life decay covers the steps between updates: 3 steps of 4 images per update
+    spaced = EMA(Tiny(), EMAConfig(half_life_images=120, warmup=False, update_every=3), images_per_step=4)
+    assert spaced.decay(10**6) ** 10 == pytest.approx(0.5)
+
+
+class _Engine:
+    """Writes and reads what DeepSpeed would, minus the tensors (the EMA is the trainer's own file)."""
+
+    def save_checkpoint(self, root, tag, save_latest):
+        (Path(root) / tag).mkdir(parents=True)
+
+    def load_checkpoint(self, root, tag, **kwargs):
+        return os.path.join(root, tag), {}
+
+
+def test_checkpoint_load_restores_the_ema_exactly(tmp_path):
+    ema = EMA(Tiny(), EMAConfig(), images_per_step=8)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.copy_(torch.randn_like(p))
+    ema.updates = 7
+    data = {"samples_seen": 56, "epoch": 0, "batches_in_epoch": 7, "skipped": 0}
+    path = save(_Engine(), ema, str(tmp_path), make_tag(7), {"step": 7, "ema_updates": ema.updates}, data, 0,
+                lambda: None)
+    fresh = EMA(Tiny(), EMAConfig(), images_per_step=8)  # other random weights, no updates
+    state = load(_Engine(), fresh, path, 0)
+    saved = ema.state_dict()
+    assert set(fresh.state_dict()) == set(saved)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert fresh.updates == 7 and state["step"] == 7 and state["data"] == data
+    assert json.loads((Path(path) / "trainer_state.json").read_text())["ema_updates"] == 7
+    assert (Path(path) / EMA_FILE).exists() and (Path(path) / COMPLETE).exists()
 
 
 def test_ema_state_round_trip():

@@ -379,13 +379,18 @@ def checkpoint_weights(checkpoint: str, which: str = "ema") -> Tuple[Dict[str, t
         raise ValueError(f"weights must be 'ema' or 'model', got {which!r}")
     if is_universal(checkpoint):
         full = _universal_weights(checkpoint)
+    elif not is_partitioned(checkpoint):
+        # ZeRO-0 keeps the whole module in the model-states file (DeepSpeed's consolidation expects
+        # partitioned optimizer files and fails on it); tensors only, no code.
+        full = torch.load(os.path.join(checkpoint, "mp_rank_00_model_states.pt"), map_location="cpu",
+                          weights_only=True)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         root, tag = os.path.split(os.path.normpath(checkpoint))
         full = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     prefix = "denoiser.net."
-    return {k[len(prefix):]: v.float().contiguous() for k, v in full.items() if k.startswith(prefix)}, state
+    return {k[len(prefix):]: v.detach().float().contiguous() for k, v in full.items() if k.startswith(prefix)}, state
 
 
 def export_weights(checkpoint: str, out_path: str, which: str = "ema") -> Dict[str, str]:

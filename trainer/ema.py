@@ -43,6 +43,17 @@ class EMA:
         """Set the average to the live weights (start of training)."""
         self._blend(live, 0.0)
 
+    def due(self, step: int) -> bool:
+        """Whether the update after optimizer step `step` (1-based) is one of every `update_every`."""
+        return step % self.cfg.update_every == 0
+
+    def step_done(self, step: int, live: nn.Module, images_seen: int) -> bool:
+        """Called after every optimizer step: update when due; returns whether it did."""
+        if not self.due(step):
+            return False
+        self.update(live, images_seen)
+        return True
+
     @torch.no_grad()
     def update(self, live: nn.Module, images_seen: int) -> None:
         """Blend the live weights in: ema = d * ema + (1 - d) * live."""
