@@ -220,9 +220,9 @@ def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root
                 state.nonfinite_skipped += 1
                 in_a_row += 1
                 if rank == 0:
-                    print(f"warning: non-finite loss at step {state.step} (skipped, {in_a_row} in a row)", flush=True)
+                    print(f"warning: non-finite loss in step {state.step + 1} (skipped, {in_a_row} in a row)", flush=True)
                 if in_a_row >= cfg.monitor.max_nonfinite:
-                    raise RunStopped(f"{in_a_row} non-finite losses in a row at step {state.step}: stopping; the last "
+                    raise RunStopped(f"{in_a_row} non-finite losses in a row in step {state.step + 1}: stopping; the last "
                                      f"good checkpoint in {root} is intact (lower optim.lr or check the data)")
                 continue
             in_a_row = 0
@@ -232,15 +232,14 @@ def _loop(cfg, engine, ema, loader, plan, flops, monitor, state, dist_info, root
             micro += 1
         state.step += 1
         state.images_seen += cfg.data.batch_size
-        if state.step % cfg.ema.update_every == 0:
-            ema.update(engine.module.net, state.images_seen)
-        monitor.step_done(cfg.data.batch_size // world, flops(ps.mask_ratio) * cfg.data.batch_size // world, data_wait)
+        ema.step_done(state.step, engine.module.net, state.images_seen)
+        monitor.step_done(cfg.data.batch_size // world, flops(ps.mask_ratio) * cfg.data.batch_size // world, data_wait,
+                          loader.skipped)
         last = state.step == cfg.run.total_steps
         if state.step % cfg.monitor.log_every == 0 or last:
             norm = engine.get_global_grad_norm()
             monitor.log(state.step, {"lr": cfg.optim.lr * ps.lr_scale, "mask_ratio": ps.mask_ratio,
                                      "grad_norm": float(norm) if norm is not None else float("nan"),
-                                     "skipped_samples": float(loader.skipped),
                                      "skipped_steps": float(state.nonfinite_skipped),
                                      "phase_unmask": float(ps.phase != "masked")}, world, ps.phase)
         if cfg.monitor.sample_every and state.step % cfg.monitor.sample_every == 0 and not last and rank == 0:

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,9 @@ class Monitor:
     """Collects per-step losses without host syncs; `log()` reduces and writes them."""
 
     def __init__(self, cfg: MonitorConfig, run_dir: str, rank: int, total_steps: int, device: torch.device,
-                 peak_flops: float, writer=None):
+                 peak_flops: float, writer=None, clock: Callable[[], float] = time.perf_counter):
         self.cfg = cfg
+        self._clock = clock
         self.rank = rank
         self.total_steps = total_steps
         self.device = device
@@ -49,8 +50,9 @@ class Monitor:
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
         self.tb_dir = os.path.join(run_dir, "tb")
         self._edges = torch.tensor(SIGMA_EDGES, device=device)
+        self._skipped = 0
         self._reset()
-        self._window_start = time.perf_counter()
+        self._window_start = self._clock()
 
     def _reset(self) -> None:
         n = len(SIGMA_EDGES) + 1
@@ -72,8 +74,10 @@ class Monitor:
                             torch.tensor(float(loss.numel()), device=self.device, dtype=torch.float64)])
         self._sums += torch.cat([head, per_bucket, counts])
 
-    def step_done(self, images: int, flops: float, data_wait: float) -> None:
-        """Count a finished optimizer step (host-side numbers only)."""
+    def step_done(self, images: int, flops: float, data_wait: float, skipped_samples: int = 0) -> None:
+        """Count a finished optimizer step (host-side numbers only); skipped_samples: this rank's
+        running count of bad samples its data stream left out."""
+        self._skipped = skipped_samples
         self._steps += 1
         self._images += images
         self._flops += flops
@@ -81,14 +85,16 @@ class Monitor:
 
     def log(self, step: int, scalars: Dict[str, float], world_size: int, phase: str = "") -> Dict[str, float]:
         """Reduce across ranks, write TensorBoard, print the progress line; returns the metrics."""
-        sums = self._sums.clone()
+        # Every rank's skip count rides in the same all-reduce: a bad shard read by rank 1 counts too.
+        sums = torch.cat([self._sums, torch.tensor([float(self._skipped)], device=self.device, dtype=torch.float64)])
         if world_size > 1:
             dist.all_reduce(sums)
         sums = sums.cpu().tolist()
         n = len(SIGMA_EDGES) + 1
         count = max(sums[3], 1.0)
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        elapsed = max(self._clock() - self._window_start, 1e-9)
         metrics = {"loss": sums[0] / count, "loss_dsm": sums[1] / count, "loss_mae": sums[2] / count,
+                   "skipped_samples": sums[4 + 2 * n],
                    "images_per_s": self._images * world_size / elapsed,
                    "data_wait_share": self._data_wait / elapsed,
                    "mfu": self._flops / elapsed / self.peak_flops if self.peak_flops else 0.0}
@@ -98,13 +104,14 @@ class Monitor:
             if self.writer is not None:
                 for key, value in metrics.items():
                     self.writer.add_scalar(f"train/{key}", value, step)
-                for name, total, cnt in zip(bucket_names(), sums[4:4 + n], sums[4 + n:]):
+                for name, total, cnt in zip(bucket_names(), sums[4:4 + n], sums[4 + n:4 + 2 * n]):
+                    self.writer.add_scalar(f"samples_by_sigma/{name}", cnt, step)
                     if cnt:
                         self.writer.add_scalar(f"loss_by_sigma/{name}", total / cnt, step)
                 self.writer.flush()
             self._print(step, metrics, elapsed, phase)
         self._reset()
-        self._window_start = time.perf_counter()
+        self._window_start = self._clock()
         return metrics
 
     def _print(self, step: int, m: Dict[str, float], elapsed: float, phase: str) -> None:
