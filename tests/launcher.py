@@ -49,22 +49,27 @@ def write_config(cfg: Dict, path: Path) -> Path:
     return path
 
 
-def env() -> Dict[str, str]:
+def env(**extra: str) -> Dict[str, str]:
+    """The ranks' environment: one thread each, unbuffered, the project and tests/ importable
+    (tests/fault_injection.py runs as a rank's module); `extra` adds variables."""
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    e.update(extra)
     return e
 
 
-def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None, launcher_args: Optional[List[str]] = None) -> List[str]:
+def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None, launcher_args: Optional[List[str]] = None,
+                      module: str = "trainer.cli") -> List[str]:
     """The same command a user types, with this interpreter's deepspeed runner."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", *(launcher_args or ["--num_gpus", "2"]),
-            "--master_port", str(port), "--module", "trainer.cli", "--config", str(config), *(extra or [])]
+            "--master_port", str(port), "--module", module, "--config", str(config), *(extra or [])]
 
 
-def run(cmd: List[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+def run(cmd: List[str], cwd: Path, timeout: int = 400, extra_env: Optional[Dict[str, str]] = None
+        ) -> subprocess.CompletedProcess:
     """Run a launcher to the end; past `timeout` kill it with its ranks (no orphans left spinning)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,0 +1,47 @@
+"""`mdt-train` with faults injected, run by the deepspeed launcher in tests as `--module fault_injection`.
+
+MDT_TEST_NAN_CALLS makes the loss of chosen training forward calls on one rank non-finite, as a
+bad batch or an overflow would: a comma-separated list of 1-based call numbers, where `N+` means
+call N and every later one. MDT_TEST_NAN_RANK (default 1) names the rank. Nothing else changes, so
+whatever the run does with the bad loss is the trainer's own behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from trainer import task
+from trainer.cli import main
+
+
+def _wanted(spec: str):
+    fixed, tail = set(), None
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item.endswith("+"):
+            tail = int(item[:-1])
+        else:
+            fixed.add(int(item))
+    return lambda call: call in fixed or (tail is not None and call >= tail)
+
+
+def install_nan_losses(spec: str, rank: int) -> None:
+    """Patch the training module's forward so the chosen calls on `rank` return NaN losses."""
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    wanted, original, calls = _wanted(spec), task.TrainingModule.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls[0] += 1
+        if wanted(calls[0]):
+            out = out._replace(loss=out.loss * float("nan"))
+        return out
+
+    task.TrainingModule.forward = forward
+
+
+if __name__ == "__main__":
+    if os.environ.get("MDT_TEST_NAN_CALLS"):
+        install_nan_losses(os.environ["MDT_TEST_NAN_CALLS"], int(os.environ.get("MDT_TEST_NAN_RANK", "1")))
+    sys.exit(main())
