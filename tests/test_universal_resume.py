@@ -48,6 +48,48 @@ def zero2_two_ranks(digits8, tmp_path_factory):
     return tmp, config, ckpt, Path(str(ckpt) + UNIVERSAL_SUFFIX), first.stdout
 
 
+def consolidated_zero12_state(ckpt: Path) -> dict:
+    """{parameter name: {"fp32", "exp_avg", "exp_avg_sq"}} from a ZeRO-1/2 checkpoint's per-rank flat
+    partitions, put together here independently of DeepSpeed's universal converter: each
+    parameter group is one flat vector split over the ranks in rank order, its parameters laid out
+    in the order of the model-states file's param_shapes (any padding sits at the end)."""
+    # DeepSpeed's own files of a run this test just made (its optimizer file pickles a loss-scaler
+    # object, so weights_only cannot read it)
+    shapes = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
+    files = sorted(ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_")[3]))
+    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    out = {}
+    for g, group in enumerate(shapes):
+        flat = {"fp32": torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat[key] = torch.cat([p["base_optimizer_state"]["state"][g][key] for p in parts])
+        offset = 0
+        for name, shape in group.items():
+            n = shape.numel()
+            out[name] = {k: v[offset:offset + n].view(shape) for k, v in flat.items()}
+            offset += n
+    return out
+
+
+def test_universal_copy_holds_the_adam_moments_of_the_original(zero2_two_ranks):
+    """A loss that falls after resume proves little: it falls with zeroed moments too. The copy's
+    moments must be the original's, parameter by parameter."""
+    _, _, ckpt, uni, _ = zero2_two_ranks
+    original = consolidated_zero12_state(ckpt)
+    weights, _ = checkpoint_weights(str(ckpt), "model")  # DeepSpeed's consolidation of the same files
+    assert {f"denoiser.net.{k}" for k in weights} == set(original)
+    for name, entry in original.items():
+        # the test's own reading of the partitions agrees with DeepSpeed's on the weights
+        assert torch.equal(entry["fp32"], weights[name[len("denoiser.net."):]]), name
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            converted = torch.load(uni / "zero" / name / f"{key}.pt", weights_only=True)["param"]
+            assert torch.equal(converted, entry[key]), (name, key)
+        assert int(torch.load(uni / "zero" / name / "step.pt", weights_only=True)) == 20
+    moved = sum(float(e["exp_avg"].abs().sum()) for e in original.values())
+    assert moved > 0 and all(float(e["exp_avg_sq"].min()) >= 0 for e in original.values())
+
+
 def test_universal_copy_holds_the_saved_state(zero2_two_ranks):
     _, _, ckpt, uni, _ = zero2_two_ranks
     assert (uni / COMPLETE).exists() and (uni / "zero" / "optimizer_state.pt").exists()
