@@ -9,7 +9,7 @@ over the same shards with the same worker count and batch size (median of ``--ro
 
 - ``wds bare``: ``WebDataset(urls).to_tuple("latent.npy", "cls").batched(B)``, bytes only.
 - ``wds decode``: the same plus ``.decode()`` (npy -> numpy) and default collation.
-- ``ours``: trainer.data.build_latent_loader (shuffle buffer, flip choice, validation, posterior
+- ``ours``: trainer.training.data.build_latent_loader (shuffle buffer, flip choice, validation, posterior
   sampling, float32 batches), one pass (``resampled=False``) and resampled epoch mode.
 """
 
@@ -26,9 +26,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_tools.format import (MANIFEST_NAME, TAR_WRITER_OPTIONS, Manifest, ShardInfo,  # noqa: E402
-                               encode_sample, make_key, sha256_file)
-from trainer.data import build_latent_loader  # noqa: E402
+from data_tools.format import (  # noqa: E402
+    MANIFEST_NAME,
+    TAR_WRITER_OPTIONS,
+    Manifest,
+    ShardInfo,
+    encode_sample,
+    make_key,
+    sha256_file,
+)
+from trainer.training.data import build_latent_loader  # noqa: E402
 
 
 def write_synthetic(out: str, samples: int, shard_size: int, shape=(4, 32, 32)) -> list[str]:

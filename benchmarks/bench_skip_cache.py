@@ -23,9 +23,18 @@ from typing import List, Optional
 import torch
 
 from model_zoo.registry import build_model
-from trainer.diffusion import DDPMSchedule, Denoiser, LogNormalSigma, LossWeighting, make_preconditioning
-from trainer.objective import training_losses
-from trainer.sampling import SkipCacheConfig, ddpm_sigmas, karras_sigmas, sample
+from trainer.diffusion import (
+    DDPMSchedule,
+    Denoiser,
+    LogNormalSigma,
+    LossWeighting,
+    SkipCacheConfig,
+    ddpm_sigmas,
+    karras_sigmas,
+    make_preconditioning,
+    sample,
+    training_losses,
+)
 
 
 def synthetic_latents(n: int, num_classes: int, channels: int, size: int, g: torch.Generator):

@@ -161,7 +161,8 @@ def main() -> None:
     print(f"threads={args.threads} dtype={args.dtype} batch={args.batch} latent=4x{args.input_size}x{args.input_size} "
           f"mask_ratio={args.mask_ratio} rounds={args.rounds}x{args.steps} steps")
     print(f"measured {args.dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s")
-    header = (f"| {'model':<23} | step ms (median) | img/s | GFLOP/step | TFLOP/s | MFU | speed-up vs {runners[0].name} "
+    header = (f"| {'model':<23} | step ms (median) | img/s | GFLOP/step | TFLOP/s | MFU "
+              f"| speed-up vs {runners[0].name} "
               f"| matmul-only ms | MFU ceiling |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")

@@ -71,7 +71,8 @@ class Net(torch.nn.Module):
 
 
 def batch(micro: int, device="cpu"):
-    return torch.randn(micro, 4, 32, 32, device=device), torch.rand(micro, device=device), torch.randint(0, 1000, (micro,), device=device)
+    return (torch.randn(micro, 4, 32, 32, device=device), torch.rand(micro, device=device),
+            torch.randint(0, 1000, (micro,), device=device))
 
 
 def memory_one(args) -> None:
@@ -133,7 +134,8 @@ def memory(args) -> None:
     first = rows[0][0]
     print(f"model {args.model}, {first['params'] / 1e6:.1f}M parameters, fp32 weights, {args.ranks} CPU ranks, "
           f"micro-batch {args.micro}; MiB of live tensors per rank (max over ranks)")
-    print("| ZeRO stage | after backward, step 2 (weights + grads + optimizer) | after step | vs stage 0 (after backward) |")
+    print("| ZeRO stage | after backward, step 2 (weights + grads + optimizer) | after step "
+          "| vs stage 0 (after backward) |")
     print("|---|---|---|---|")
     base = max(r["backward"] for r in rows[0])
     for stage, ranks in rows.items():

@@ -8,8 +8,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import (CLS_FIELD, FLIP_FIELD, LATENT_FIELD, DataToolsError, FastArrayDecoder, Manifest,
-                     ShardInfo, find_manifest, iter_tar_samples, sha256_file)
+from .format import (
+    CLS_FIELD,
+    FLIP_FIELD,
+    LATENT_FIELD,
+    DataToolsError,
+    FastArrayDecoder,
+    Manifest,
+    ShardInfo,
+    find_manifest,
+    iter_tar_samples,
+    sha256_file,
+)
 
 
 def summarize(manifest: Manifest, where: str) -> list[str]:

@@ -10,13 +10,11 @@ import argparse
 import os
 import sys
 from dataclasses import fields
-from typing import TYPE_CHECKING
 
-from .format import DataToolsError
+from .check import inspect_dataset, verify_dataset
+from .encode import EncodeSettings, encode_part, finalize, run_local_pool
+from .format import DataToolsError, Manifest, find_manifest
 from .vae import DEFAULT_VAE, ENCODERS
-
-if TYPE_CHECKING:
-    from .encode import EncodeSettings
 
 
 def _encode_parser(sub) -> None:
@@ -89,8 +87,6 @@ def _child_args(settings: "EncodeSettings") -> list[str]:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from .encode import EncodeSettings, encode_part, finalize, run_local_pool
-
     names = {f.name for f in fields(EncodeSettings)}
     settings = EncodeSettings(**{k: v for k, v in vars(args).items() if k in names})
     settings.validate()
@@ -114,9 +110,6 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .check import verify_dataset
-    from .format import Manifest, find_manifest
-
     manifest = Manifest.load(find_manifest(args.path))
     bad = verify_dataset(args.path, progress=not args.quiet)
     for report in bad:
@@ -137,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "encode":
             return _run_encode(args)
         if args.command == "inspect":
-            from .check import inspect_dataset
-
             print(inspect_dataset(args.path, args.samples))
             return 0
         return _run_verify(args)

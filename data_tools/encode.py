@@ -22,9 +22,23 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from webdataset import ShardWriter
 
-from .format import (FLIP_FIELD, LATENT_DTYPE, LATENT_FIELD, MANIFEST_NAME, TAR_WRITER_OPTIONS, DataToolsError,
-                     Manifest, ShardInfo, encode_sample, make_key, sha256_file, write_json_atomic, write_text_atomic)
+from .format import (
+    FLIP_FIELD,
+    LATENT_DTYPE,
+    LATENT_FIELD,
+    MANIFEST_NAME,
+    TAR_WRITER_OPTIONS,
+    DataToolsError,
+    Manifest,
+    ShardInfo,
+    encode_sample,
+    make_key,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .sources import Source, center_crop_resize, open_source
 from .vae import DEFAULT_VAE, build_encoder
 
@@ -198,8 +212,6 @@ class _PartWriter:
 
     def __init__(self, out: str, prefix: str, part: int, start_shard: int, first_index: int,
                  settings: EncodeSettings, meta: dict):
-        from webdataset import ShardWriter
-
         self.out, self.meta, self.first, self.end = out, meta, first_index, first_index
         self.count, self.handle = 0, None
         pattern = os.path.join(out, f"{prefix}-p{part:04d}-%06d.tar")

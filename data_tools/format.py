@@ -1,4 +1,5 @@
-"""The latent shard format, shared by the writer (data_tools.encode) and the reader (trainer.data).
+"""The latent shard format, shared by the writer (data_tools.encode) and the reader
+(trainer.training.data).
 
 A dataset is a directory of uncompressed tar shards plus ``manifest.json``. Each sample is a
 group of tar members ``<key>.<field>`` whose key has no dot (WebDataset ends a key at the first dot
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Callable, Iterator
 
 import numpy as np
+from webdataset.gopen import gopen
 
 FORMAT_NAME = "mdt-latents"
 FORMAT_VERSION = 1
@@ -332,7 +334,6 @@ class Manifest:
                 with open(path, "rb") as handle:
                     raw = handle.read()
             else:
-                from webdataset.gopen import gopen
                 with gopen(path, "rb") as handle:
                     raw = handle.read()
             data = json.loads(raw)

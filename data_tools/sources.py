@@ -13,6 +13,7 @@ import os
 import tarfile
 from typing import Protocol
 
+import braceexpand
 import numpy as np
 from PIL import Image
 
@@ -122,8 +123,6 @@ class TarImageSource:
 
     def __init__(self, pattern: str):
         """Expand ``pattern`` (braces and globs) and index every tar."""
-        import braceexpand
-
         paths: list[str] = []
         for part in braceexpand.braceexpand(pattern):
             paths.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
@@ -213,7 +212,7 @@ class DigitsSource:
 
     def __init__(self, split: str = "all") -> None:
         """Load the arrays shipped inside scikit-learn (no download) and keep the split's images."""
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # noqa: PLC0415 - scikit-learn is slow to import; digits only
 
         digits = load_digits()
         keep = digits_split_indices(split, len(digits.images))

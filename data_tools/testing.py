@@ -13,8 +13,9 @@ from PIL import Image
 def make_tiny_vae(path: str, latent_channels: int = 4, seed: int = 0) -> str:
     """Save a randomly initialised 2-level AutoencoderKL (downsampling factor 2) to ``path``,
     loadable with ``AutoencoderKL.from_pretrained(path)`` exactly like a real VAE."""
-    import torch
-    from diffusers import AutoencoderKL
+    # heavy, and only the VAE fixture needs them (the image writers below do not)
+    import torch  # noqa: PLC0415
+    from diffusers import AutoencoderKL  # noqa: PLC0415
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,

@@ -7,7 +7,11 @@ with ``from_pretrained``; stores the posterior mean and std. ``pixels``: identit
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import warnings
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ ENCODERS = ("vae", "pixels")
 def pick_device(local_index: int = 0) -> tuple[torch.device, torch.dtype]:
     """Device and compute dtype from DeepSpeed's accelerator: bf16 (else fp16) on accelerators,
     fp32 on CPU where half precision is slow and gains nothing."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 - heavy; only encoding on a device needs it
 
     accel = get_accelerator()
     if accel.device_name() == "cpu":
@@ -67,10 +71,7 @@ def load_autoencoder(name: str, dtype: torch.dtype = torch.float32):
 
     Raises DataToolsError with a one-line hint when the weights are not on this machine.
     """
-    import logging
-    import warnings
-
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # noqa: PLC0415 - heavy (seconds); only VAE encoding / decoding needs it
 
     hint = (f"copy the VAE to this machine (e.g. `huggingface-cli download {DEFAULT_VAE} "
             f"--local-dir /data/sd-vae` where there is internet) and pass --vae /data/sd-vae")
@@ -96,9 +97,6 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     before the download fails. Behind a proxy (HTTPS_PROXY etc.) nothing is probed: the hub
     client goes through the proxy, and only it knows the way.
     """
-    import socket
-    from urllib.parse import urlparse
-
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
                                        "ALL_PROXY", "all_proxy")):
         return None

@@ -23,7 +23,7 @@ CHECKPOINT_MODES = ("none", "torch", "deepspeed", "fairscale")
 def validate_mode(mode: str, offload: bool) -> None:
     """Raise a one-line error for an unknown mode or an offload request it cannot honour."""
     if mode not in CHECKPOINT_MODES:
-        raise ValueError(f"activation checkpointing mode {mode!r} is not one of {CHECKPOINT_MODES}")
+        raise ValueError(f"activation checkpointing mode {mode!r} is not one of {', '.join(CHECKPOINT_MODES)}")
     if offload and mode != "fairscale":
         raise ValueError(f"activation offload to CPU needs mode 'fairscale', got {mode!r}")
 
@@ -38,7 +38,8 @@ def wrap_blocks(blocks: Iterable[nn.Module], mode: str, offload: bool) -> None:
         if "forward" in block.__dict__:
             del block.forward
         if mode == "fairscale":
-            from fairscale.nn.checkpoint import checkpoint_wrapper
+            # optional implementations are imported when chosen: model_zoo stays importable without them
+            from fairscale.nn.checkpoint import checkpoint_wrapper  # noqa: PLC0415
 
             checkpoint_wrapper(block, offload_to_cpu=offload)
 
@@ -60,6 +61,6 @@ def run_block(block: nn.Module, mode: str, x: torch.Tensor, c: torch.Tensor) -> 
             warnings.warn("deepspeed checkpointing skipped for a block whose inputs need no grad")
             _warned_reentrant = True
         return block(x, c)
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 - heavy; only this mode needs it
 
     return deepspeed.checkpointing.checkpoint(block, x, c)

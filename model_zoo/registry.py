@@ -46,10 +46,15 @@ class ModelSpec:
     cls: Callable[..., nn.Module]
     defaults: Dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def can_mask(self) -> bool:
+        """Whether the network drops tokens in training (mask_ratio > 0): MaskDiT and its subclasses."""
+        return issubclass(self.cls, MaskDiT)
+
     def build(self, **overrides: Any) -> nn.Module:
         """Construct the network; overrides replace defaults, unknown keys are named in the error."""
         valid = set(inspect.signature(DiT.__init__).parameters) - {"self"}
-        if self.cls is MaskDiT:
+        if self.can_mask:
             valid |= set(inspect.signature(MaskDiT.__init__).parameters) - {"self", "args", "kwargs"}
         unknown = sorted(set(overrides) - valid)
         if unknown:

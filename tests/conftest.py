@@ -1,6 +1,5 @@
 """Shared test fixtures."""
 
-import os
 
 import pytest
 import torch

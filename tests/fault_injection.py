@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-from trainer import task
 from trainer.cli import main
+from trainer.training import task
 
 
 def _wanted(spec: str):

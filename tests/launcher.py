@@ -58,8 +58,8 @@ def env(**extra: str) -> Dict[str, str]:
     return e
 
 
-def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None, launcher_args: Optional[List[str]] = None,
-                      module: str = "trainer.cli") -> List[str]:
+def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None,
+                      launcher_args: Optional[List[str]] = None, module: str = "trainer.cli") -> List[str]:
     """The same command a user types, with this interpreter's deepspeed runner."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", *(launcher_args or ["--num_gpus", "2"]),
             "--master_port", str(port), "--module", module, "--config", str(config), *(extra or [])]

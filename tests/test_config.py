@@ -8,6 +8,8 @@ import pytest
 
 from trainer.cli import dry_run, main
 from trainer.config import ConfigError, TrainConfig, load_config, to_deepspeed_json, validate
+from trainer.training.data import check_shards
+from trainer.training.engine import deepspeed_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "launch_configs").glob("*.yaml"))
 
@@ -22,13 +24,13 @@ def test_there_are_shipped_configs():
 def test_every_shipped_config_parses_and_validates(path):
     cfg = load_config(str(path))
     world = 2 if path.name == "digits_demo.yaml" else 8
-    validate(cfg, world, check_data=False)
+    validate(cfg, world)
     text = dry_run(cfg, world)
     assert "# phase plan" in text and '"zero_optimization"' in text
 
 
 def test_defaults_are_valid():
-    validate(TrainConfig(), 1, check_data=False)
+    validate(TrainConfig(), 1)
 
 
 def test_overrides_are_typed():
@@ -45,11 +47,11 @@ def test_engine_defaults_follow_the_device(monkeypatch):
     cfg = load_config(None, ["optim.torch_adam=true"])
     assert to_deepspeed_json(cfg, 1, "cpu")["zero_optimization"]["contiguous_gradients"] is False
     assert to_deepspeed_json(cfg, 1, "cuda")["zero_optimization"]["contiguous_gradients"] is True
-    import trainer.config
+    import trainer.training.engine
 
-    for device, contiguous in (("cpu", False), ("cuda", True)):  # no device given: DeepSpeed's accelerator
-        monkeypatch.setattr(trainer.config, "_accelerator_type", lambda d=device: d)
-        assert to_deepspeed_json(cfg, 1)["zero_optimization"]["contiguous_gradients"] is contiguous
+    for device, contiguous in (("cpu", False), ("cuda", True)):  # the training run passes DeepSpeed's accelerator
+        monkeypatch.setattr(trainer.training.engine, "accelerator_name", lambda d=device: d)
+        assert deepspeed_config(cfg, 1)["zero_optimization"]["contiguous_gradients"] is contiguous
     cfg = load_config(None, ["optim.torch_adam=true", "deepspeed.contiguous_gradients=true"])
     assert to_deepspeed_json(cfg, 1, "cpu")["zero_optimization"]["contiguous_gradients"] is True
     assert to_deepspeed_json(cfg, 1, "cpu")["optimizer"]["params"]["fused"] is True
@@ -83,15 +85,15 @@ def test_bad_values_name_the_key(overrides, match):
 ])
 def test_semantic_errors_name_the_key(overrides, world, match):
     with pytest.raises(ConfigError, match=match):
-        validate(load_config(None, overrides), world, check_data=False)
+        validate(load_config(None, overrides), world)
 
 
 def test_missing_shards_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="data.shards is empty"):
-        validate(TrainConfig(), 1)
+        check_shards(TrainConfig().data)
     cfg = load_config(None, [f"data.shards={tmp_path}/nothing-{{000..009}}.tar"])
     with pytest.raises(ConfigError, match=r"data.shards: .*no manifest"):
-        validate(cfg, 1)
+        check_shards(cfg.data)
 
 
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
@@ -118,7 +120,7 @@ def test_deepspeed_json(stage, precision, offload):
     cfg = load_config(None, [f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
                              f"deepspeed.offload_optimizer={str(offload).lower()}", "data.batch_size=256",
                              "data.micro_batch_size=16", "optim.grad_clip=0.5"])
-    ds = to_deepspeed_json(cfg, 4)
+    ds = to_deepspeed_json(cfg, 4, "cpu")
     assert ds["train_batch_size"] == 256 and ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")

@@ -15,7 +15,7 @@ from data_tools.encode import JOURNAL_DIR, EncodeSettings, encode_part
 from data_tools.format import MANIFEST_NAME, FastArrayDecoder, Manifest, iter_tar_samples, sha256_file
 from data_tools.sources import center_crop_resize, open_source
 from data_tools.testing import make_image_folder, make_image_tars, make_tiny_vae
-from trainer.data import build_latent_loader
+from trainer.training.data import build_latent_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,9 +8,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.format import (CLS_FIELD, FLIP_FIELD, LATENT_FIELD, DataToolsError, FastArrayDecoder,
-                               LatentSpec, Manifest, ShardInfo, decode_array, encode_array, encode_sample,
-                               iter_tar_files, iter_tar_samples, make_key, split_member_name)
+from data_tools.format import (
+    CLS_FIELD,
+    FLIP_FIELD,
+    LATENT_FIELD,
+    DataToolsError,
+    FastArrayDecoder,
+    LatentSpec,
+    Manifest,
+    ShardInfo,
+    decode_array,
+    encode_array,
+    encode_sample,
+    iter_tar_files,
+    iter_tar_samples,
+    make_key,
+    split_member_name,
+)
 from data_tools.sources import center_crop_resize
 
 

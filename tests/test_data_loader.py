@@ -1,4 +1,4 @@
-"""trainer.data: exact accounting, equal steps per rank, seeded resume, surviving bad input."""
+"""trainer.training.data: exact accounting, equal steps per rank, seeded resume, surviving bad input."""
 
 import collections
 import io
@@ -12,9 +12,16 @@ import pytest
 import torch
 
 from data_tools.encode import EncodeSettings, encode_part
-from data_tools.format import (MANIFEST_NAME, DataToolsError, Manifest, ShardInfo, encode_array, encode_sample,
-                               sha256_file)
-from trainer.data import build_latent_loader
+from data_tools.format import (
+    MANIFEST_NAME,
+    DataToolsError,
+    Manifest,
+    ShardInfo,
+    encode_array,
+    encode_sample,
+    sha256_file,
+)
+from trainer.training.data import build_latent_loader
 
 N = 200  # digits encoded as 3x8x8 pixels into 14 shards of 15 (the last holds 5)
 
@@ -152,7 +159,7 @@ def test_bad_samples_are_skipped_with_a_warning_naming_shard_and_key(tmp_path, c
     (tmp_path / MANIFEST_NAME).write_text(man.to_json())
     loader = build_latent_loader(str(tmp_path), 3, num_workers=0, resampled=False, hflip=False,
                                  sample_posterior=False, drop_last=True, return_keys=True)
-    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.data"):
         batches = list(loader)
     assert loader.skipped == 5 and [len(k) for _, _, k in batches] == [3]
     assert sorted(k for _, _, ks in batches for k in ks) == ["k0", "k6", "k7"]

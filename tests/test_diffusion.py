@@ -1,4 +1,4 @@
-"""Schedules, preconditionings, sigma sampling and loss weights (trainer/diffusion.py)."""
+"""Schedules, preconditionings, sigma sampling and loss weights (trainer/diffusion/)."""
 
 import math
 

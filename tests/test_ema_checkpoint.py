@@ -8,9 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.checkpoint import COMPLETE, EMA_FILE, LATEST, complete_tags, find_resume, load, make_tag, rotate, save
+from trainer.checkpoints import (
+    COMPLETE,
+    EMA_FILE,
+    LATEST,
+    CheckpointError,
+    CheckpointRecord,
+    complete_tags,
+    find_resume,
+    make_tag,
+    rotate,
+)
 from trainer.config import EMAConfig
-from trainer.ema import EMA
+from trainer.training.checkpointer import load_checkpoint, save_checkpoint
+from trainer.training.ema import EMA
 
 
 class Tiny(nn.Module):
@@ -87,15 +98,16 @@ def test_checkpoint_load_restores_the_ema_exactly(tmp_path):
             p.copy_(torch.randn_like(p))
     ema.updates = 7
     data = {"samples_seen": 56, "epoch": 0, "batches_in_epoch": 7, "skipped": 0}
-    path = save(_Engine(), ema, str(tmp_path), make_tag(7), {"step": 7, "ema_updates": ema.updates}, data, 0,
-                lambda: None)
+    record = CheckpointRecord(step=7, images_seen=56, world_size=1, model_name="tiny", model_kwargs={}, config={},
+                              dataset={}, ema_updates=ema.updates)
+    path = save_checkpoint(_Engine(), ema, str(tmp_path), make_tag(7), record, data, 0, lambda: None)
     fresh = EMA(Tiny(), EMAConfig(), images_per_step=8)  # other random weights, no updates
-    state = load(_Engine(), fresh, path, 0)
+    loaded, position = load_checkpoint(_Engine(), fresh, path, 0)
     saved = ema.state_dict()
     assert set(fresh.state_dict()) == set(saved)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, saved[key]), key
-    assert fresh.updates == 7 and state["step"] == 7 and state["data"] == data
+    assert fresh.updates == 7 and loaded == record and position == data
     assert json.loads((Path(path) / "trainer_state.json").read_text())["ema_updates"] == 7
     assert (Path(path) / EMA_FILE).exists() and (Path(path) / COMPLETE).exists()
 
@@ -126,7 +138,7 @@ def test_resume_ignores_partial_checkpoints_and_stale_latest(tmp_path):
     (tmp_path / LATEST).write_text(make_tag(10))
     assert find_resume(root, "auto") == os.path.join(root, "step00000010")
     assert find_resume(root, "none") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         find_resume(root, os.path.join(root, "step00000030"))
 
 

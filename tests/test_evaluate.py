@@ -18,12 +18,21 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from trainer import digits_classifier as dc
-from trainer.evaluate import (digits_accuracy, digits_fd, fd_from_features, feature_stats, frechet_distance,
-                              inception_features, load_images, main)
-from trainer.inception import (WEIGHTS_ENV, FIDInceptionV3, InceptionWeightsError, load_fid_inception,
-                               tf1_resize_bilinear)
-
+from model_zoo.digits_classifier import FEATURE_DIM
+from model_zoo.inception import (
+    WEIGHTS_ENV,
+    FIDInceptionV3,
+    InceptionWeightsError,
+    load_fid_inception,
+    tf1_resize_bilinear,
+)
+from trainer.cli import eval_main as main
+from trainer.evaluation import digits as dc
+from trainer.evaluation.digits import digits_accuracy, digits_fd
+from trainer.evaluation.errors import EvalError
+from trainer.evaluation.fid import fid, inception_features
+from trainer.evaluation.frechet import fd_from_features, feature_stats, frechet_distance
+from trainer.evaluation.images import load_images
 
 # ----------------------------------------------------------------------------- Frechet distance
 
@@ -262,12 +271,12 @@ def test_eval_cli_without_inception_weights_is_one_line_exit_2(tmp_path, monkeyp
 
 def test_fid_cli_and_precomputed_reference_stats(tmp_path, monkeypatch, capsys):
     """The CLI's FID path; a small stand-in (64-d features) replaces the Inception network (tested above)."""
-    import trainer.inception as inception
+    import trainer.evaluation.metrics as metrics
 
     torch.manual_seed(0)
     stand_in = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 64))
     loaded = []
-    monkeypatch.setattr(inception, "load_fid_inception",
+    monkeypatch.setattr(metrics, "load_fid_inception",
                         lambda path=None, device="cpu": loaded.append(path) or stand_in)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
@@ -289,8 +298,6 @@ def test_fid_cli_and_precomputed_reference_stats(tmp_path, monkeypatch, capsys):
 
     # the exact value: a wrong channel order, input range or batching in the CLI's path changes it
     assert result["fid"] == pytest.approx(fd_from_features(direct(a), direct(b)), rel=1e-6)
-    from trainer.evaluate import fid
-
     feats = inception_features(b, stand_in, batch_size=40)
     assert feats.shape == (40, 64)
     assert abs(fid(a, a, model=stand_in)) < 1e-6 * result["fid"] + 1e-4
@@ -322,7 +329,7 @@ def test_digits_classifier_judges_real_and_wrong_labels(classifier):
     assert digits_accuracy(images, (labels + 1) % 10, net) < 0.1
     small, _ = dc.real_digits("train", 8)
     assert digits_accuracy(small, labels, net) > 0.93  # any resolution: canonical 8x8 input
-    assert dc.features(images[:5], net).shape == (5, dc.FEATURE_DIM)
+    assert dc.features(images[:5], net).shape == (5, FEATURE_DIM)
 
 
 def test_digits_fd_orders_real_noise_and_wrong_classes(classifier):
@@ -354,8 +361,6 @@ def test_image_sets_from_npz_dirs_and_digits(tmp_path):
     assert sorted(map(bytes, got)) == sorted(map(bytes, images))
     digits, labels = load_images("digits:heldout", 16)
     assert digits.shape == (898, 16, 16, 3) and labels[:3].tolist() == [1, 3, 5]
-    from trainer.evaluate import EvalError
-
     for bad, msg in [("nope.npz", "does not exist"), ("digits:test", "unknown digits split")]:
         with pytest.raises(EvalError, match=msg):
             load_images(str(tmp_path / bad) if bad.endswith("npz") else bad)
@@ -366,9 +371,9 @@ def test_image_sets_from_npz_dirs_and_digits(tmp_path):
 
 def test_eval_cli_on_samples_of_a_tiny_checkpoint(classifier, tmp_path, capsys):
     """mdt-sample then mdt-eval (digits metrics) on a checkpoint trained in the test."""
-    from test_sample_cli import make_checkpoint
+    from trainer.cli import sample_main
 
-    from trainer.generate import main as sample_main
+    from test_sample_cli import make_checkpoint
 
     make_checkpoint(tmp_path / "run", steps=40)
     assert sample_main([str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--per-class", "2", "--steps", "6",

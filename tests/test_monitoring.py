@@ -13,9 +13,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.config import MonitorConfig, OptimConfig, PhasesConfig
-from trainer.monitor import SIGMA_EDGES, Monitor, bucket_names
-from trainer.objective import LossOutput
-from trainer.phases import PhasePlan
+from trainer.config.phases import PhasePlan
+from trainer.diffusion import LossOutput
+from trainer.training.monitor import SIGMA_EDGES, Monitor, bucket_names
 
 from launcher import deepspeed_command, free_port, losses, run, tiny_config, write_config
 

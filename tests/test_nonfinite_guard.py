@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.checkpoint import COMPLETE, LATEST, STATE_FILE, checkpoint_weights
+from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE, network_weights
 
 from launcher import deepspeed_command, free_port, losses, run, tiny_config, write_config
 
@@ -48,7 +47,7 @@ def test_nan_on_one_rank_is_skipped_on_both_and_a_run_of_them_exits_3(digits8, t
     assert skipped[5] == 0 and skipped[6] == 0 and skipped[7] == 1 and skipped[23] == 1
 
     # the kept checkpoint loads: weights as saved, and the same command without the fault resumes
-    weights, _ = checkpoint_weights(str(root / "step00000020"), "model")
+    weights, _ = network_weights(str(root / "step00000020"), "model")
     assert all(math.isfinite(float(v.abs().sum())) for v in weights.values())
     again = run(deepspeed_command(config, free_port(), ["--set", "run.total_steps=22"]), tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The MaskDiT objective (trainer/objective.py): DSM on kept tokens + lambda_MAE x MAE on masked ones."""
+"""The MaskDiT objective (trainer/diffusion/objective.py): DSM on kept tokens + lambda_MAE x MAE on masked ones."""
 
 import math
 
@@ -8,8 +8,17 @@ from torch import nn
 
 from model_zoo.layers import ModelOutput, patchify
 from model_zoo.registry import build_model
-from trainer.diffusion import DDPMSchedule, Denoiser, DiscreteSigma, LogNormalSigma, LossWeighting, make_preconditioning
-from trainer.objective import maskdit_loss, normalize_patches, training_losses
+from trainer.diffusion import (
+    DDPMSchedule,
+    Denoiser,
+    DiscreteSigma,
+    LogNormalSigma,
+    LossWeighting,
+    make_preconditioning,
+    maskdit_loss,
+    normalize_patches,
+    training_losses,
+)
 
 TINY = dict(input_size=8, in_channels=4, num_classes=10, hidden_size=32, depth=4, num_heads=2)
 
@@ -155,11 +164,12 @@ def test_maskless_network_with_mask_ratio_is_rejected():
         maskdit_loss(den, x0, y, torch.ones(3), noise, 0.0, LossWeighting(), lambda_mae=-1.0)
 
 
-@pytest.mark.parametrize("sampler,kind", [("ddpm_cosine", "cosine"), ("ddpm_linear", "linear"), ("lognormal", "linear")])
+@pytest.mark.parametrize("sampler,kind", [("ddpm_cosine", "cosine"), ("ddpm_linear", "linear"),
+                                          ("lognormal", "linear")])
 def test_vp_preconditioning_uses_the_training_schedule(sampler, kind):
     from trainer.config import load_config
-    from trainer.sampling import default_sigmas
-    from trainer.task import TrainingModule
+    from trainer.diffusion import default_sigmas
+    from trainer.training.task import TrainingModule
 
     cfg = load_config(None, ["diffusion.preconditioning=vp_eps", f"diffusion.sigma_sampler={sampler}"])
     net = build_model("DiT-S/8", input_size=8, num_classes=3, hidden_size=32, depth=1, num_heads=2)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from trainer.config import PhasesConfig
-from trainer.phases import FINAL, MASKED, UNMASK, PhasePlan
+from trainer.config.phases import FINAL, MASKED, UNMASK, PhasePlan
 
 
 def plan(**kw) -> PhasePlan:

@@ -4,7 +4,6 @@ ranks; Skip-Cache; one-line errors. Most tests use a tiny checkpoint trained her
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import zipfile
@@ -16,14 +15,15 @@ import torch
 from safetensors.torch import save_file
 
 from model_zoo.registry import build_model
-from trainer.checkpoint import COMPLETE, EMA_FILE, LATEST, STATE_FILE, export_weights, make_tag
+from trainer.checkpoints import COMPLETE, EMA_FILE, LATEST, CheckpointRecord, export_weights, make_tag, write_record
+from trainer.cli import sample_main as main
 from trainer.config import config_from_dict
-from trainer.generate import image_noise, main, merge_parts
-from trainer.task import TrainingModule
+from trainer.diffusion import training_losses
+from trainer.evaluation.digits import real_digits
+from trainer.sample.generate import image_noise, merge_parts
+from trainer.training.task import TrainingModule
 
 from launcher import deepspeed_command, free_port, run, tiny_config, write_config
-
-
 
 TINY = {"hidden_size": 32, "depth": 4, "num_heads": 2, "decoder_depth": 1, "decoder_hidden_size": 16,
         "decoder_num_heads": 2}
@@ -31,8 +31,6 @@ TINY = {"hidden_size": 32, "depth": 4, "num_heads": 2, "decoder_depth": 1, "deco
 
 def digits_pixels(resolution: int = 8):
     """scikit-learn digits as [-1, 1] 3-channel pixel 'latents' and labels."""
-    from trainer.digits_classifier import real_digits
-
     images, labels = real_digits("train", resolution)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, torch.from_numpy(labels)
@@ -40,7 +38,7 @@ def digits_pixels(resolution: int = 8):
 
 def make_checkpoint(root: Path, skip: bool = True, steps: int = 60, encoder=None, seed: int = 0) -> Path:
     """Train a tiny MaskDiT for a few Adam steps and write a complete checkpoint like the trainer's
-    (ema.safetensors, trainer_state.json, COMPLETE, latest) under root/checkpoints."""
+    (ema.safetensors, the record, COMPLETE, latest) under root/checkpoints."""
     tree = {"model": {"name": "MaskDiT-S/2", "skip": skip, "options": TINY}}
     cfg = config_from_dict(tree)
     kwargs = dict(input_size=8, in_channels=3, num_classes=10, skip=skip, class_dropout_prob=0.1, **TINY)
@@ -51,7 +49,8 @@ def make_checkpoint(root: Path, skip: bool = True, steps: int = 60, encoder=None
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         pick = torch.randint(0, len(x), (32,), generator=gen)
-        loss = module(x[pick], y[pick], mask_ratio=0.5 if step % 2 else 0.0, generator=gen).loss.mean()
+        loss = training_losses(module.denoiser, x[pick], y[pick], 0.5 if step % 2 else 0.0, module.weighting,
+                               module.sigma_sampler, lambda_mae=module.lambda_mae, generator=gen).loss.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -62,9 +61,9 @@ def make_checkpoint(root: Path, skip: bool = True, steps: int = 60, encoder=None
     dataset = {"latent_shape": [3, 8, 8], "num_classes": 10, "scaling_factor": 1.0,
                "encoder": encoder or {"kind": "pixels", "id": "pixels"}, "resolution": 8,
                "class_names": [str(i) for i in range(10)]}
-    state = {"step": steps, "model_name": "MaskDiT-S/2", "model_kwargs": kwargs, "config": cfg.to_dict(),
-             "dataset": dataset, "ema_updates": steps}
-    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    write_record(str(ckpt), CheckpointRecord(step=steps, images_seen=32 * steps, world_size=1, model_name="MaskDiT-S/2",
+                                             model_kwargs=kwargs, config=cfg.to_dict(), dataset=dataset,
+                                             ema_updates=steps))
     (ckpt / COMPLETE).write_text("")
     (root / "checkpoints" / LATEST).write_text(tag)
     return ckpt
@@ -242,7 +241,7 @@ def test_two_ranks_on_a_real_training_checkpoint(digits8, tmp_path, capsys):
             "--skip-cache", 2, "--seed", 1]
     t0 = time.time()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "trainer.generate", str(run_dir), "--out", str(tmp_path / "two"), *map(str, args)]
+           "--module", "trainer.sample", str(run_dir), "--out", str(tmp_path / "two"), *map(str, args)]
     two = run(cmd, tmp_path, timeout=300)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     print(f"sampling launch {time.time() - t0:.1f}s")

@@ -1,4 +1,4 @@
-"""Samplers, classifier-free guidance and Skip-Cache scheduling (trainer/sampling.py)."""
+"""Samplers, classifier-free guidance and Skip-Cache scheduling (trainer/diffusion/samplers.py)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from model_zoo.registry import build_model
 from trainer.diffusion import DDPMSchedule, Denoiser, make_preconditioning
-from trainer.sampling import (
+from trainer.diffusion.samplers import (
     GuidedModel,
     SkipCacheConfig,
     ddpm_ancestral_sampler,

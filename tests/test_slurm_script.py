@@ -61,7 +61,8 @@ def test_usr1_creates_the_stop_file_and_the_job_is_requeued(tmp_path):
     words = (tmp_path / "deepspeed_args").read_text().splitlines()
     assert f"run.stop_file={tmp_path}/STOP.77" in words
     assert words[-2:] == ["--set", "run.name=my run"]  # one word, space kept
-    assert words[words.index("--node_rank") + 1] == "0" and words[words.index("--hostfile") + 1] == f"{tmp_path}/hostfile.77"
+    assert words[words.index("--node_rank") + 1] == "0"
+    assert words[words.index("--hostfile") + 1] == f"{tmp_path}/hostfile.77"
     assert (tmp_path / "hostfile.77").read_text().splitlines() == ["node1 slots=8", "node2 slots=8"]
     assert "asking the trainer to checkpoint and stop" in out
     assert (tmp_path / "scontrol_calls").read_text().split() == ["requeue", "77"]

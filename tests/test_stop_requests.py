@@ -12,10 +12,19 @@ from pathlib import Path
 import psutil
 import pytest
 
-from trainer.checkpoint import COMPLETE, LATEST, STATE_FILE
+from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE
 
-from launcher import (deepspeed_command, free_port, kill_group, rank_processes, run, start, tiny_config, wait_for,
-                      write_config)
+from launcher import (
+    deepspeed_command,
+    free_port,
+    kill_group,
+    rank_processes,
+    run,
+    start,
+    tiny_config,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import COMPLETE, STATE_FILE, checkpoint_weights, export_weights, load_exported
+from trainer.checkpoints import COMPLETE, STATE_FILE, export_weights, network_weights
+from trainer.sample.loading import load_model
 
 from launcher import deepspeed_command, free_port, kill_group, losses, run, start, tiny_config, wait_for, write_config
 
@@ -55,8 +56,8 @@ def test_zero_stages_train_the_same_weights_as_plain_data_parallelism(stage, sta
     ckpt = stage0_run if stage == 0 else train_at_stage(stage, digits8, tmp_path)
     sums = state_of(ckpt)["replica_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
-    live, _ = checkpoint_weights(str(ckpt), "model")
-    plain, _ = checkpoint_weights(str(stage0_run), "model")
+    live, _ = network_weights(str(ckpt), "model")
+    plain, _ = network_weights(str(stage0_run), "model")
     assert set(live) == set(plain)
     worst = max(float((live[k] - plain[k]).abs().max()) for k in live)
     assert worst < 2e-4, (stage, worst)
@@ -70,9 +71,9 @@ def test_zero_stages_train_the_same_weights_as_plain_data_parallelism(stage, sta
         assert set(live) == set(ema)
         for k in live:
             torch.testing.assert_close(live[k], ema[k], rtol=1e-4, atol=1e-5)
-        net_a, meta = load_exported(str(model_file))
-        net_b, _ = load_exported(str(ema_file))
-        assert meta["model"] == "MaskDiT-S/2" and meta["step"] == "30"
+        loaded_a, loaded_b = load_model(str(model_file)), load_model(str(ema_file))
+        assert (loaded_a.model_name, loaded_a.step, loaded_a.weights) == ("MaskDiT-S/2", 30, "model")
+        net_a, net_b = loaded_a.denoiser.net, loaded_b.denoiser.net
         x, t, y = torch.randn(3, 3, 8, 8), torch.rand(3), torch.tensor([0, 1, 10])
         with torch.no_grad():
             torch.testing.assert_close(net_a(x, t, y).sample, net_b(x, t, y).sample, rtol=1e-4, atol=1e-5)

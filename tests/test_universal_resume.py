@@ -2,6 +2,7 @@
 continues on 1 rank (CPU, gloo) with its weights, optimizer, EMA, step and phase; the helper's
 one-line errors; the data position for a new world size."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -11,12 +12,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import (COMPLETE, EMA_FILE, STATE_FILE, UNIVERSAL_SUFFIX, CheckpointError, checkpoint_weights,
-                                for_world_size, optimizer_state_summary, rescale_data_state, resume_data_state,
-                                rotate, save, to_universal)
+from trainer.checkpoints import (
+    COMPLETE,
+    EMA_FILE,
+    STATE_FILE,
+    UNIVERSAL_SUFFIX,
+    CheckpointError,
+    CheckpointRecord,
+    for_world_size,
+    network_weights,
+    read_record,
+    rotate,
+    to_universal,
+    write_record,
+)
 from trainer.cli import universal_main
 from trainer.config import PhasesConfig
-from trainer.phases import PhasePlan
+from trainer.config.phases import PhasePlan
+from trainer.training.checkpointer import (
+    optimizer_state_summary,
+    rescale_data_state,
+    resume_data_state,
+    save_checkpoint,
+)
 
 from launcher import STEP_LINE, deepspeed_command, free_port, losses, run, tiny_config, write_config
 
@@ -77,7 +95,7 @@ def test_universal_copy_holds_the_adam_moments_of_the_original(zero2_two_ranks):
     moments must be the original's, parameter by parameter."""
     _, _, ckpt, uni, _ = zero2_two_ranks
     original = consolidated_zero12_state(ckpt)
-    weights, _ = checkpoint_weights(str(ckpt), "model")  # DeepSpeed's consolidation of the same files
+    weights, _ = network_weights(str(ckpt), "model")  # DeepSpeed's consolidation of the same files
     assert {f"denoiser.net.{k}" for k in weights} == set(original)
     for name, entry in original.items():
         # the test's own reading of the partitions agrees with DeepSpeed's on the weights
@@ -94,13 +112,13 @@ def test_universal_copy_holds_the_saved_state(zero2_two_ranks):
     _, _, ckpt, uni, _ = zero2_two_ranks
     assert (uni / COMPLETE).exists() and (uni / "zero" / "optimizer_state.pt").exists()
     assert not (ckpt.parent / "latest_universal").exists()  # DeepSpeed's pointer: we pass tags explicitly
-    saved, converted = checkpoint_weights(str(ckpt), "model"), checkpoint_weights(str(uni), "model")
+    saved, converted = network_weights(str(ckpt), "model"), network_weights(str(uni), "model")
     assert set(saved[0]) == set(converted[0]) and len(saved[0]) > 10
     for k, v in saved[0].items():
         assert torch.equal(v, converted[0][k]), k
-    state = json.loads((uni / STATE_FILE).read_text())
-    assert state.pop("universal_from") == str(ckpt)
-    assert state == json.loads((ckpt / STATE_FILE).read_text()) and state["world_size"] == 2
+    copy, original = read_record(str(uni)), read_record(str(ckpt))
+    assert copy.universal_from == str(ckpt) and original.universal_from is None
+    assert dataclasses.replace(copy, universal_from=None) == original and copy.world_size == 2
     ema_a, ema_b = load_file(ckpt / EMA_FILE), load_file(uni / EMA_FILE)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     for r in (0, 1):
@@ -145,9 +163,16 @@ def test_resume_stops_when_the_loaded_weights_are_not_the_saved_ones(zero2_two_r
     assert f"mdt-train: stopped: weights loaded from {bad} differ from the saved ones" in proc.stderr
 
 
+def fake_record(**fields) -> CheckpointRecord:
+    """A checkpoint record with placeholder values, the given fields set."""
+    base = dict(step=5, images_seen=80, world_size=1, model_name="MaskDiT-S/2", model_kwargs={}, config={},
+                dataset={})
+    return CheckpointRecord(**{**base, **fields})
+
+
 def _fake_checkpoint(path: Path, world_size: int, partitioned: bool, sums=((1.0, 2.0),)) -> Path:
     path.mkdir(parents=True)
-    (path / STATE_FILE).write_text(json.dumps({"world_size": world_size, "step": 5, "replica_checksums": sums}))
+    write_record(str(path), fake_record(world_size=world_size, replica_checksums=[list(s) for s in sums]))
     (path / COMPLETE).write_text("")
     if partitioned:
         for r in range(world_size):
@@ -210,7 +235,8 @@ def test_a_stale_universal_copy_is_not_used_and_a_rewrite_removes_it(tmp_path):
             return {"w": torch.zeros(2)}
 
     Path(str(uni) + ".partial").mkdir()
-    save(Engine(), Ema(), str(root), "step00000005", {"step": 5, "world_size": 2}, {"epoch": 0}, 0, lambda: None)
+    save_checkpoint(Engine(), Ema(), str(root), "step00000005", fake_record(world_size=2), {"epoch": 0}, 0,
+                    lambda: None)
     assert (tag / COMPLETE).exists() and not (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists()
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000005"]
 
@@ -221,19 +247,19 @@ def test_resume_rescales_the_data_position_when_world_or_micro_batch_changes(tmp
     saved_data = [dict(samples_seen=80, epoch=1, batches_in_epoch=10, skipped=r) for r in (0, 1)]
     for r, d in enumerate(saved_data):
         (ckpt / f"data_rank{r}.json").write_text(json.dumps(d))
-    saved = {"world_size": 2, "config": {"data": {"micro_batch_size": 8}}, "data": saved_data[1]}
+    saved = fake_record(world_size=2, config={"data": {"micro_batch_size": 8}})
     # the same (world size, micro batch size): the saved position as it is
-    assert resume_data_state(saved, str(ckpt), 1, 2, 8, 100) == (saved_data[1], False)
+    assert resume_data_state(saved, saved_data[1], str(ckpt), 1, 2, 8, 100) == (saved_data[1], False)
     # the same world size, micro batches of 16: 10 batches of 8 are 5 of 16
-    data, rescaled = resume_data_state(saved, str(ckpt), 1, 2, 16, 100)
+    data, rescaled = resume_data_state(saved, saved_data[1], str(ckpt), 1, 2, 16, 100)
     assert rescaled and data == dict(samples_seen=80, epoch=1, batches_in_epoch=5, skipped=1)
     # another world size: 2 ranks x 10 x 8 = 160 samples = 20 batches of 8 on 1 rank
-    assert resume_data_state(saved, str(ckpt), 0, 1, 8, 100) == (
+    assert resume_data_state(saved, saved_data[1], str(ckpt), 0, 1, 8, 100) == (
         dict(samples_seen=160, epoch=1, batches_in_epoch=20, skipped=0), True)
-    # a state without the micro batch size: only the world size decides (as before)
-    legacy = {"world_size": 2, "config": {}, "data": saved_data[0]}
-    assert resume_data_state(legacy, str(ckpt), 0, 2, 16, 100) == (saved_data[0], False)
-    assert resume_data_state(legacy, str(ckpt), 0, 1, 16, 100)[0]["batches_in_epoch"] == 20  # taken as 16s
+    # a record without the micro batch size: only the world size decides (as before)
+    legacy = fake_record(world_size=2, config={})
+    assert resume_data_state(legacy, saved_data[0], str(ckpt), 0, 2, 16, 100) == (saved_data[0], False)
+    assert resume_data_state(legacy, saved_data[0], str(ckpt), 0, 1, 16, 100)[0]["batches_in_epoch"] == 20  # as 16s
 
 
 def test_optimizer_state_summary_reads_the_innermost_torch_optimizer():
@@ -323,6 +349,8 @@ def test_mdt_universal_reports_bad_input_in_one_line(tmp_path, capsys):
     (ckpt / STATE_FILE).unlink()
     assert "not a checkpoint of this trainer (no trainer_state.json)" in error([str(ckpt)])
     (ckpt / STATE_FILE).write_text(json.dumps({"world_size": 2}))
+    assert "lacks step, images_seen, model_name" in error([str(ckpt)])  # not a record
+    write_record(str(ckpt), fake_record(world_size=2))
     assert "DeepSpeed could not convert" in error([str(ckpt)])  # the shards are not DeepSpeed's
     assert not list(ckpt.parent.glob("*universal*"))  # nothing half-written left behind
     zero0 = _fake_checkpoint(tmp_path / "z0", 2, partitioned=False)

@@ -15,11 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import COMPLETE, LATEST, STATE_FILE
-from trainer.watchdog import STALL_EXIT_CODE, StallWatchdog
+from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE
+from trainer.training.watchdog import STALL_EXIT_CODE, StallWatchdog
 
-from launcher import (ROOT, deepspeed_command, free_port, kill_group, rank_processes, start, tiny_config, wait_for,
-                      write_config)
+from launcher import (
+    ROOT,
+    deepspeed_command,
+    free_port,
+    kill_group,
+    rank_processes,
+    start,
+    tiny_config,
+    wait_for,
+    write_config,
+)
 
 
 class FakeClock:
@@ -77,7 +86,7 @@ def _script(body: str, tmp_path: Path) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from trainer.watchdog import StallWatchdog
+        from trainer.training.watchdog import StallWatchdog
         {body}
     """)
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -112,7 +121,7 @@ def test_config_rejects_a_negative_timeout():
 
     cfg = config_from_dict({"run": {"stall_timeout_s": -1}})
     with pytest.raises(ConfigError, match="run.stall_timeout_s must be >= 0"):
-        validate(cfg, 1, check_data=False)
+        validate(cfg, 1)
 
 
 @pytest.mark.timeout(600)

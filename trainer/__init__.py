@@ -1,1 +1,2 @@
-"""The trainer: diffusion maths, data stream, DeepSpeed engine, loop, sampling and evaluation."""
+"""The trainer: diffusion maths, the launch config, checkpoints, the training run, sampling and
+evaluation, one package each (docs/ARCHITECTURE.md); console entry points in trainer.cli."""

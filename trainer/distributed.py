@@ -1,17 +1,20 @@
-"""The one module that touches DeepSpeed's process group and engine set-up.
+"""The one module that starts and ends the process group, and says which device this process uses.
 
-Device-agnostic through DeepSpeed's accelerator: CPU + gloo here, CUDA + NCCL on clusters.
+Device-agnostic through DeepSpeed's accelerator: CPU + gloo here, CUDA + NCCL on clusters. Training,
+sampling and evaluation share it; the training engine's own set-up is trainer.training.engine.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Tuple
 
+import deepspeed
+import deepspeed.ops
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,20 @@ class DistInfo:
     device: torch.device
 
 
+def accelerator_device(local_rank: int = 0) -> torch.device:
+    """This process's device from DeepSpeed's accelerator: 'cpu', or the local rank's 'cuda:N' (or
+    whatever the accelerator names it); the code never spells a device type itself."""
+    acc = get_accelerator()
+    return torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.device_name(local_rank))
+
+
+def accelerator_name() -> str:
+    """The accelerator's device type: 'cpu', 'cuda', ..."""
+    return get_accelerator().device_name()
+
+
 def init_distributed() -> DistInfo:
     """Start (or join) the process group the launcher set up through RANK / WORLD_SIZE / MASTER_*."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() != "cpu":
@@ -39,8 +51,7 @@ def init_distributed() -> DistInfo:
     if acc.device_name() == "cpu":
         skip_cpu_shm_allreduce()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
-    device = torch.device(acc.device_name(local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, accelerator_device(local_rank))
 
 
 SHM_OP = "deepspeed_shm_comm"
@@ -55,47 +66,22 @@ def skip_cpu_shm_allreduce() -> None:
     wait forever. The op only serves tensor-parallel inference all-reduce, which the trainer never
     calls; gradients go through torch.distributed (gloo) either way.
     """
-    import deepspeed.ops
-
     deepspeed.ops.__compatible_ops__[SHM_OP] = False  # the dict is probed lazily on first access
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def world_size_from_env() -> int:
-    """World size the launcher announced (for validation before the process group starts)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[str, Any], rank: int,
-                 compile_model: bool = False):
-    """Build the module (under zero.Init for ZeRO-3) and wrap it in a DeepSpeed engine.
-
-    Under zero.Init every parameter is partitioned as soon as its module is built, so the model's
-    own initialisation ran on empty shards: it is re-applied on rank 0 with the parameters
-    gathered, and DeepSpeed scatters the result.
-    """
-    import deepspeed
-
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            module = build_module()
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-            if rank == 0:
-                module.net.initialize_weights()
-    else:
-        module = build_module()
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
-                                           config=ds_config)
-    if compile_model:
-        engine.compile()
-    return engine
+def launcher_env() -> DistInfo:
+    """Rank, world size and local rank the launcher announced (RANK / WORLD_SIZE / LOCAL_RANK; a
+    world of one without a launcher), and the local rank's device, before any process group exists
+    (for validation and one-line errors before start-up)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank,
+                    accelerator_device(local_rank))
 
 
 def barrier() -> None:
@@ -104,80 +90,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: torch.Tensor) -> bool:
-    """True when flag (a 0-dim tensor) is non-zero on any rank; one tiny all-reduce."""
-    flag = flag.float().reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def shutdown(engine=None) -> None:
-    """Release the engine and the process group; safe to call more than once."""
-    if engine is not None:
-        try:
-            engine.destroy()
-        except Exception:  # noqa: BLE001 - teardown must not mask the run's own error
-            pass
+def shutdown() -> None:
+    """Release the process group; safe to call more than once."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def seed_step(seed: int, rank: int, step: int, micro: int) -> None:
-    """Seed every RNG for one micro-step from (seed, rank, step, micro): resumed runs draw the same
-    noise, sigmas, masks and label drops as uninterrupted ones, without saving RNG states."""
-    import random
-
-    import numpy as np
-    from deepspeed.accelerator import get_accelerator
-
-    value = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
-    torch.manual_seed(value)
-    random.seed(value)
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        acc.manual_seed(value)
-
-
-@contextmanager
-def gathered(params: List[torch.nn.Parameter]) -> Iterator[None]:
-    """Make ZeRO-3 partitioned parameters whole for reading (a no-op for other stages)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
-
-
-def parameter_chunks(module: torch.nn.Module) -> Iterator[List[Tuple[str, torch.nn.Parameter]]]:
-    """Named parameters in pieces small enough to gather one at a time: the module's own
-    parameters, then each top-level child's."""
-    own = list(module.named_parameters(recurse=False))
-    if own:
-        yield own
-    for name, child in module.named_children():
-        params = list(child.named_parameters(prefix=name))
-        if params:
-            yield params
-
-
-@torch.no_grad()
-def replica_checksums(module: torch.nn.Module) -> List[List[float]]:
-    """[sum, sum of squares] of all weights, per rank (gathered under ZeRO-3).
-
-    Data-parallel replicas must hold identical weights; a mismatch means silent divergence.
-    """
-    device = next(module.parameters()).device
-    local = torch.zeros(2, dtype=torch.float64, device=device)
-    for params in parameter_chunks(module):
-        with gathered([p for _, p in params]):
-            for _, p in params:
-                v = p.detach().double()
-                local += torch.stack([v.sum(), v.square().sum()])
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [local.tolist()]
-    out = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, local)
-    return [t.tolist() for t in out]

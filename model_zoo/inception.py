@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 WEIGHTS_ENV = "MDT_INCEPTION_WEIGHTS"
@@ -249,8 +250,6 @@ def resolve_weights(path: Optional[str] = None) -> str:
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line error

@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
-from .config import PhasesConfig
+if TYPE_CHECKING:  # the schema builds plans (TrainConfig.phase_plan): a runtime import would be circular
+    from .schema import PhasesConfig
 
 MASKED, UNMASK, FINAL = "masked", "unmask", "final_unmask"
+
+MASK_SCHEDULES: Dict[str, Callable[[float], float]] = {
+    "constant": lambda frac: 0.0,
+    "linear": lambda frac: frac,
+    "cosine": lambda frac: 0.5 * (1 - math.cos(math.pi * frac)),
+}
+"""phases.schedule: name -> the share (0 -> 1) of the way from mask_ratio to end_mask_ratio at a
+fraction of the masked steps."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,7 @@ class PhaseState:
 class PhasePlan:
     """The plan for one run; `at(step)` is cheap and pure."""
 
-    def __init__(self, cfg: PhasesConfig, total_steps: int, warmup_steps: int = 0):
+    def __init__(self, cfg: "PhasesConfig", total_steps: int, warmup_steps: int = 0):
         self.cfg = cfg
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
@@ -54,15 +63,11 @@ class PhasePlan:
     def scheduled_ratio(self, step: int) -> float:
         """Mask ratio of the schedule at this step (what a masked step uses)."""
         c = self.cfg
-        if c.schedule == "constant" or c.end_mask_ratio is None:
+        if c.end_mask_ratio is None:
             return c.mask_ratio
-        frac = min(1.0, step / max(1, self.masked_end - 1))
-        if c.schedule == "linear":
-            w = frac
-        elif c.schedule == "cosine":
-            w = 0.5 * (1 - math.cos(math.pi * frac))
-        else:
+        if c.schedule not in MASK_SCHEDULES:
             raise ValueError(f"phases.schedule: unknown schedule {c.schedule!r}")
+        w = MASK_SCHEDULES[c.schedule](min(1.0, step / max(1, self.masked_end - 1)))
         return c.mask_ratio + (c.end_mask_ratio - c.mask_ratio) * w
 
     def at(self, step: int) -> PhaseState:

@@ -15,52 +15,22 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from data_tools.sources import DigitsSource, center_crop_resize
+from model_zoo.digits_classifier import SIDE, DigitsClassifier, canonical
+
+from .frechet import fd_from_features
 
 VERSION = 1  # bump when the architecture or training recipe changes: old cache files are ignored
-SIDE = 8
-FEATURE_DIM = 128
 CACHE_ENV = "MDT_CACHE_DIR"
 _LOADED: dict = {}
-
-
-class DigitsClassifier(nn.Module):
-    """Two 3x3 convolutions, a 128-d hidden layer (the features) and 10 logits; input [N, 1, 8, 8]."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.width = width
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.hidden = nn.Linear(2 * width * 16, FEATURE_DIM)
-        self.head = nn.Linear(FEATURE_DIM, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations [N, 128]."""
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
-        return F.relu(self.hidden(F.max_pool2d(x, 2).flatten(1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [N, 10]."""
-        return self.head(self.features(x))
-
-
-def canonical(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, H, W, 3] (or grey [N, H, W]) -> float [N, 1, 8, 8] in [0, 1]."""
-    x = torch.as_tensor(np.asarray(images))
-    if x.ndim == 4:
-        x = x.float().mean(dim=-1)
-    if x.ndim != 3:
-        raise ValueError(f"expected images [N, H, W, 3] or [N, H, W], got shape {tuple(x.shape)}")
-    x = x.float().div(255.0)[:, None]
-    if tuple(x.shape[-2:]) != (SIDE, SIDE):
-        x = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
-    return x
 
 
 def real_digits(split: str = "train", resolution: int = 8) -> Tuple[np.ndarray, np.ndarray]:
@@ -68,8 +38,6 @@ def real_digits(split: str = "train", resolution: int = 8) -> Tuple[np.ndarray, 
 
     Same preprocessing as ``mdt-data encode --source digits:SPLIT --resolution R`` (bicubic resize).
     """
-    from data_tools.sources import DigitsSource, center_crop_resize
-
     source = DigitsSource(split)
     images = np.stack([center_crop_resize(source.load(i)[0], resolution) for i in range(len(source))])
     return images, source.labels.copy()
@@ -129,8 +97,6 @@ def default_path() -> str:
 
 def save_classifier(net: DigitsClassifier, path: str) -> str:
     """Write the weights (with version, width and real-digit accuracy in the metadata) atomically."""
-    from safetensors.torch import save_file
-
     images, labels = real_digits("train", 16)
     meta = {"version": str(VERSION), "width": str(net.width), "trained_on": "digits:heldout",
             "accuracy_digits_train_16px": json.dumps(round(accuracy(images, labels, net), 4))}
@@ -144,9 +110,6 @@ def save_classifier(net: DigitsClassifier, path: str) -> str:
 def load_classifier(path: Optional[str] = None) -> DigitsClassifier:
     """The cached classifier at `path` (default: default_path()), trained and saved first if absent
     or written by another version of this module."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = os.path.abspath(path or default_path())
     if path in _LOADED:
         return _LOADED[path]
@@ -185,3 +148,27 @@ def accuracy(images: np.ndarray, labels: np.ndarray, classifier: Optional[Digits
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     return float((predict(images, classifier) == labels).mean())
+
+
+def classifier_from(classifier: Union[DigitsClassifier, str, None]) -> DigitsClassifier:
+    """A classifier given as itself, as a cache file path, or None (the default cache)."""
+    if classifier is None or isinstance(classifier, str):
+        return load_classifier(classifier)
+    return classifier
+
+
+def digits_accuracy(images: np.ndarray, labels: np.ndarray, classifier: Union[DigitsClassifier, str, None] = None
+                    ) -> float:
+    """Share of uint8 digit images [N, H, W, 3] that the held-out-trained classifier assigns to
+    their conditioning label [N]. classifier: a DigitsClassifier, a cache path, or None (default)."""
+    return accuracy(images, labels, classifier_from(classifier))
+
+
+def digits_fd(images: np.ndarray, reference: Optional[np.ndarray] = None,
+              classifier: Union[DigitsClassifier, str, None] = None) -> float:
+    """Frechet distance in the digit classifier's features between uint8 images [N, H, W, 3] and a
+    reference set (default: the real `digits:train` split at the images' resolution)."""
+    net = classifier_from(classifier)
+    if reference is None:
+        reference, _ = real_digits("train", images.shape[1])
+    return fd_from_features(features(images, net), features(reference, net))

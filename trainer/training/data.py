@@ -32,10 +32,23 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
 
-from data_tools.format import (CLS_FIELD, FLIP_FIELD, LATENT_FIELD, MANIFEST_NAME, DataToolsError,
-                               FastArrayDecoder, Manifest, iter_tar_samples)
+from data_tools.format import (
+    CLS_FIELD,
+    FLIP_FIELD,
+    LATENT_FIELD,
+    MANIFEST_NAME,
+    DataToolsError,
+    FastArrayDecoder,
+    Manifest,
+    iter_tar_samples,
+)
+
+from ..config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 _READ_FIELDS = frozenset([LATENT_FIELD, FLIP_FIELD, CLS_FIELD])
@@ -92,8 +105,6 @@ class Draws(NamedTuple):
 def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tuple[list[str], Manifest]:
     """Shard URLs and the manifest for a dataset directory, a manifest path, a brace pattern /
     ``::``-joined list / ``pipe:`` URL, or a list of those."""
-    from webdataset.shardlists import expand_urls
-
     if isinstance(shards, str) and (shards.endswith(".json") or os.path.isdir(shards)):
         path = os.path.join(shards, MANIFEST_NAME) if os.path.isdir(shards) else shards
         man = Manifest.load(path)
@@ -107,6 +118,20 @@ def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tupl
         raise DataToolsError(f"no manifest for shards {str(shards)[:120]}: pass manifest=PATH "
                              "(it gives latent shape, scaling factor and classes)")
     return urls, Manifest.load(manifest)
+
+
+def check_shards(d: DataConfig) -> None:
+    """Before any process group starts: the configured shards resolve to a manifest and every local
+    shard exists; ConfigError naming data.shards otherwise."""
+    if not d.shards:
+        raise ConfigError("data.shards is empty: point it at a directory made by `mdt-data encode`")
+    try:
+        urls, _ = resolve_shards(d.shards, d.manifest)
+    except (DataToolsError, OSError) as err:
+        raise ConfigError(f"data.shards: {err}") from None
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if missing:
+        raise ConfigError(f"data.shards: shard {missing[0]} does not exist")
 
 
 class _ShardStream(IterableDataset):
@@ -133,8 +158,6 @@ class _ShardStream(IterableDataset):
                 log.warning("further bad-input warnings of this worker are only counted")
 
     def _read(self, url: str) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        from webdataset.gopen import gopen
-
         last = None
         try:
             with gopen(url, "rb") as stream:
@@ -322,8 +345,6 @@ class LatentLoader:
     def _pin(self) -> bool:
         if self.opts.pin_memory is not None or self.opts.num_workers == 0:
             return bool(self.opts.pin_memory)
-        from deepspeed.accelerator import get_accelerator
-
         return get_accelerator().device_name() != "cpu"
 
     def __iter__(self) -> Iterator[tuple]:

@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .diffusion import SIGMA_CEIL, DDPMSchedule
+from .noise import SIGMA_CEIL, DDPMSchedule
+from .preconditioning import Denoiser
 
 ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
 Sampler = Callable[..., torch.Tensor]
@@ -55,16 +56,6 @@ def ddpm_sigmas(schedule: DDPMSchedule, steps: int) -> torch.Tensor:
     t = torch.linspace(schedule.num_steps - 1, 0, steps, dtype=torch.float64).round().long()
     grid = schedule.sigmas[t].clamp(max=SIGMA_CEIL)
     return torch.cat([grid, grid.new_zeros(1)])
-
-
-def default_sigmas(sampler: str, steps: int, schedule: Optional[DDPMSchedule] = None) -> torch.Tensor:
-    """The usual grid for a sampler: EDM's for 'heun' / 'euler', the DDPM schedule's (linear unless
-    given) for 'ddpm' / 'ddim', so that DiT-style runs use the timesteps the model was trained on."""
-    if sampler in ("heun", "euler"):
-        return karras_sigmas(steps)
-    if sampler in ("ddpm", "ddim"):
-        return ddpm_sigmas(schedule if schedule is not None else DDPMSchedule("linear"), steps)
-    raise ValueError(f"unknown sampler {sampler!r} (choose from heun, euler, ddim, ddpm)")
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -136,12 +127,35 @@ def ddpm_ancestral_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor
     return x
 
 
-SAMPLERS: Dict[str, Sampler] = {
-    "heun": heun_sampler,
-    "euler": euler_sampler,
-    "ddim": euler_sampler,
-    "ddpm": ddpm_ancestral_sampler,
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registry entry: the sampler, the sigma grid it is run on by default and its usual step count."""
+
+    run: Sampler
+    grid: str
+    """'karras' (EDM's grid) or 'ddpm' (the DDPM schedule's timesteps, as DiT samples)."""
+    default_steps: int
+    stochastic: bool = False
+    """Draws noise at every step (from `generator`: one per image keeps images batch-independent)."""
+
+
+SAMPLERS: Dict[str, SamplerSpec] = {
+    "heun": SamplerSpec(heun_sampler, "karras", 18),
+    "euler": SamplerSpec(euler_sampler, "karras", 50),
+    "ddim": SamplerSpec(euler_sampler, "ddpm", 50),
+    "ddpm": SamplerSpec(ddpm_ancestral_sampler, "ddpm", 250, stochastic=True),
 }
+"""Samplers: name -> SamplerSpec (ddim is the Euler step on the DDPM grid)."""
+
+
+def default_sigmas(sampler: str, steps: int, schedule: Optional[DDPMSchedule] = None) -> torch.Tensor:
+    """The usual grid for a sampler: EDM's for 'heun' / 'euler', the DDPM schedule's (linear unless
+    given) for 'ddpm' / 'ddim', so that DiT-style runs use the timesteps the model was trained on."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if SAMPLERS[sampler].grid == "karras":
+        return karras_sigmas(steps)
+    return ddpm_sigmas(schedule if schedule is not None else DDPMSchedule("linear"), steps)
 
 
 # ----------------------------------------------------------------------------- guidance + cache
@@ -247,7 +261,7 @@ class SampleResult:
 
 
 @torch.no_grad()
-def sample(denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, sampler: str = "heun",
+def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, sampler: str = "heun",
            guidance_scale: float = 1.0, guidance_interval: Optional[Tuple[float, float]] = None,
            skip_cache: Optional[SkipCacheConfig] = None,
            generator: Generators = None) -> SampleResult:
@@ -264,6 +278,6 @@ def sample(denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor,
     if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0 or bool((sigmas[1:] >= sigmas[:-1]).any()):
         raise ValueError("sigmas must be a 1-D decreasing grid ending with 0")
     model = GuidedModel(denoiser, y, guidance_scale, guidance_interval, skip_cache)
-    x = SAMPLERS[sampler](model, noise * float(sigmas[0]), sigmas, generator=generator)
+    x = SAMPLERS[sampler].run(model, noise * float(sigmas[0]), sigmas, generator=generator)
     blocks = model.cache.blocks_run if model.cache is not None else None
     return SampleResult(x, model.full_steps, model.cached_steps, blocks)

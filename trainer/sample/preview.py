@@ -1,19 +1,21 @@
-"""Sample grids from the EMA network during training: latents -> images for TensorBoard and PNG."""
+"""Latents to pictures: decoding (pixels or a VAE), grids, PNG files, and the small guided sample
+the training run shows as its sample grid."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 
-from .diffusion import Denoiser
-from .sampling import karras_sigmas, sample
+from ..diffusion import Denoiser, karras_sigmas, sample
 
 
-def decode_latents(z: torch.Tensor, scaling_factor: float, encoder: dict, vae: Optional[nn.Module] = None) -> torch.Tensor:
+def decode_latents(z: torch.Tensor, scaling_factor: float, encoder: dict,
+                   vae: Optional[nn.Module] = None) -> torch.Tensor:
     """Latents (as trained, i.e. scaled) -> images in [0, 1], [B, 3, H, W].
 
     pixels: the latent is the image in [-1, 1]. vae: decoded when a VAE module is given; without
@@ -40,14 +42,13 @@ def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 1) ->
     grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
     for i in range(b):
         r, k = divmod(i, cols)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i].cpu()
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i].cpu()
     return grid
 
 
 def save_png(grid: torch.Tensor, path: str) -> str:
     """Write a [3, H, W] grid in [0, 1] as PNG."""
-    from PIL import Image
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     array = (grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
     Image.fromarray(array).save(path)
@@ -55,7 +56,7 @@ def save_png(grid: torch.Tensor, path: str) -> str:
 
 
 @torch.no_grad()
-def preview_grid(denoiser: Denoiser, count: int, steps: int, guidance_scale: float, latent_shape,
+def preview_grid(denoiser: Denoiser, count: int, steps: int, guidance_scale: float, latent_shape: Sequence[int],
                  num_classes: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     """EDM Heun samples with guidance for classes 0, 1, 2, ... (cycling); fixed noise per seed."""
     gen = torch.Generator(device="cpu").manual_seed(seed)

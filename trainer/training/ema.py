@@ -12,8 +12,8 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .config import EMAConfig
-from .distributed import gathered, parameter_chunks
+from ..config import EMAConfig
+from .engine import gathered, parameter_chunks
 
 
 class EMA:

@@ -6,20 +6,18 @@ forward path (hooks, ZeRO-3 parameter fetching) is the one used in training.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
 
 from model_zoo.registry import build_model
 
-from .config import TrainConfig
-from .diffusion import (DDPMSchedule, Denoiser, LossWeighting, ddpm_schedule_for, make_preconditioning,
-                        make_sigma_sampler)
-from .objective import LossOutput, training_losses
+from ..config import TrainConfig
+from ..diffusion import LossOutput, LossWeighting, make_sigma_sampler, training_losses
 
 
-def model_kwargs(cfg: TrainConfig, latent_shape, num_classes: int) -> Dict[str, Any]:
+def model_kwargs(cfg: TrainConfig, latent_shape: Sequence[int], num_classes: int) -> Dict[str, Any]:
     """Constructor arguments of the network: data-derived sizes, then config options."""
     channels, height, width = latent_shape
     if height != width:
@@ -37,29 +35,16 @@ def build_network(cfg: TrainConfig, kwargs: Dict[str, Any]) -> nn.Module:
     return net
 
 
-def ddpm_schedule(cfg: TrainConfig) -> Optional[DDPMSchedule]:
-    """The DDPM schedule named by diffusion.sigma_sampler (ddpm_linear / ddpm_cosine), else None.
-
-    One schedule serves the training noise levels, the VP preconditioning's timestep input and the
-    DDPM sampler grid: a cosine-trained network must not be fed linear-schedule timesteps.
-    """
-    return ddpm_schedule_for(cfg.diffusion.sigma_sampler)
-
-
-def build_denoiser(net: nn.Module, cfg: TrainConfig) -> Denoiser:
-    """The network with the configured preconditioning."""
-    d = cfg.diffusion
-    return Denoiser(net, make_preconditioning(d.preconditioning, sigma_data=d.sigma_data,
-                                              schedule=ddpm_schedule(cfg)))
-
-
 class TrainingModule(nn.Module):
-    """Denoiser + loss: forward(x0, y, mask_ratio) -> LossOutput with per-sample losses."""
+    """Denoiser + loss: forward(x0, y, mask_ratio) -> LossOutput with per-sample losses.
+
+    Sigma, noise, the token mask and the label dropout all come from the global RNG, which the
+    trainer seeds per micro-step (trainer.training.engine.seed_step)."""
 
     def __init__(self, net: nn.Module, cfg: TrainConfig):
         super().__init__()
         d = cfg.diffusion
-        self.denoiser = build_denoiser(net, cfg)
+        self.denoiser = d.denoiser(net)
         self.weighting = LossWeighting(d.weighting, gamma=d.gamma, sigma_data=d.sigma_data)
         self.sigma_sampler = make_sigma_sampler(d.sigma_sampler, p_mean=d.p_mean, p_std=d.p_std,
                                                 schedule=getattr(self.denoiser.precond, "schedule", None))
@@ -70,8 +55,7 @@ class TrainingModule(nn.Module):
         """The registry network being trained."""
         return self.denoiser.net
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0,
-                generator: Optional[torch.Generator] = None) -> LossOutput:
+    def forward(self, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0) -> LossOutput:
         """Per-sample weighted losses of one micro-batch (noise, sigma and mask drawn inside)."""
         return training_losses(self.denoiser, x0, y, mask_ratio, self.weighting, self.sigma_sampler,
-                               lambda_mae=self.lambda_mae, generator=generator)
+                               lambda_mae=self.lambda_mae)

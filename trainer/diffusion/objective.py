@@ -8,15 +8,15 @@ kept and the MAE term is zero, so the objective is plain (weighted) denoising sc
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from model_zoo.layers import patchify  # the network's token order, so masks line up
 
-from .diffusion import SIGMA_CEIL, SIGMA_FLOOR, Denoiser, LossWeighting, _col
-
-SigmaSampler = Callable[..., torch.Tensor]
+from .noise import SIGMA_CEIL, SIGMA_FLOOR, SigmaSampler, column
+from .preconditioning import Denoiser
+from .weighting import LossWeighting
 
 
 class LossOutput(NamedTuple):
@@ -66,7 +66,7 @@ def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: t
     precond = denoiser.precond
     # A zero-SNR schedule has sigma = inf: noise at the largest finite sigma instead (SNR ~ 1e-16).
     s = sigma.float().clamp(SIGMA_FLOOR, SIGMA_CEIL)
-    x = x0 + _col(s, x0).to(x0.dtype) * noise
+    x = x0 + column(s, x0).to(x0.dtype) * noise
     f, mask = denoiser.raw(x, s, y, mask_ratio=mask_ratio)
     if mask is None and mask_ratio > 0:
         raise ValueError(f"mask_ratio={mask_ratio} but the network returned no mask (a DiT cannot mask tokens)")
@@ -89,7 +89,9 @@ def training_losses(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, mask_
     """One training batch: draw sigma [B] and noise, return per-sample losses with their parts.
 
     The trainer reduces `loss` (e.g. .mean()) for the backward pass and buckets it by `sigma`.
-    Label dropout for classifier-free guidance happens inside the network in train() mode.
+    `generator` draws sigma and noise only: the token mask and the label dropout for classifier-free
+    guidance (inside the network in train() mode) come from the global RNG, so seed that too for a
+    repeatable batch (the trainer seeds every RNG per micro-step).
     """
     sigma = sigma_sampler(x0.shape[0], device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator).to(x0.dtype)

@@ -12,9 +12,17 @@ from typing import Callable, Dict
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch.utils.tensorboard import SummaryWriter
 
-from .config import MonitorConfig
-from .objective import LossOutput
+from ..config import MonitorConfig
+from ..diffusion import LossOutput
+from ..progress import format_eta
+
+try:
+    import resource  # POSIX only: the CPU memory figure
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 # Edges of the log-sigma buckets for "loss by noise level" (EDM's training range is ~0.002..80).
 SIGMA_EDGES = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -24,12 +32,6 @@ def bucket_names() -> list:
     """Human-readable bucket labels matching SIGMA_EDGES."""
     edges = ("0",) + tuple(f"{e:g}" for e in SIGMA_EDGES) + ("inf",)
     return [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])]
-
-
-def format_eta(seconds: float) -> str:
-    """Seconds as h:mm:ss."""
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Monitor:
@@ -45,10 +47,7 @@ class Monitor:
         self.peak_flops = peak_flops
         self.writer = writer
         if writer is None and rank == 0 and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
-        self.tb_dir = os.path.join(run_dir, "tb")
         self._edges = torch.tensor(SIGMA_EDGES, device=device)
         self._skipped = 0
         self._reset()
@@ -62,6 +61,10 @@ class Monitor:
         self._steps = 0
         self._flops = 0.0
         self._images = 0
+
+    def due(self, step: int) -> bool:
+        """Whether the step just finished (1-based) is a log step: every log_every, and the last."""
+        return step % self.cfg.log_every == 0 or step == self.total_steps
 
     def record(self, out: LossOutput) -> None:
         """Add one micro-batch's per-sample losses (stays on the device)."""
@@ -144,23 +147,16 @@ class Monitor:
 
 def _memory_metrics() -> Dict[str, float]:
     """Accelerator memory in use / peak (GiB), or the process's resident memory on CPU."""
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     if acc.device_name() == "cpu":
-        try:
-            import resource
-
-            return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        except (ImportError, OSError):
+        if resource is None:
             return {}
+        return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return {"mem_alloc_gib": acc.memory_allocated() / 2**30, "mem_peak_gib": acc.max_memory_allocated() / 2**30}
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
     """A quick estimate of the accelerator's matmul peak (FLOP/s) for MFU when none is configured."""
-    from deepspeed.accelerator import get_accelerator
-
     a = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ a

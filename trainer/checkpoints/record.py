@@ -1,0 +1,109 @@
+"""The checkpoint record: what a checkpoint says about itself, one typed dataclass written as JSON
+(`trainer_state.json`) and read by one function (`read_record`) that resume, export, universal
+conversion and sampling all use."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from data_tools.format import write_text_atomic
+
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+"""Version of the record's layout. Checkpoints written before the field existed carry the same
+fields and read as version 1; a newer version is refused with a one-line error."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the one-line message says why and what to do."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The checkpoint asked for does not exist or is incomplete."""
+
+
+@dataclass
+class CheckpointRecord:
+    """The trainer's own state in a checkpoint (DeepSpeed's files hold the weights and optimizer)."""
+
+    step: int
+    """Optimizer steps done."""
+    images_seen: int
+    """Images trained on, over all ranks."""
+    world_size: int
+    """Ranks that wrote the checkpoint (its ZeRO partitions are per rank)."""
+    model_name: str
+    """Registry name of the network (model_zoo.registry)."""
+    model_kwargs: Dict[str, Any]
+    """Constructor arguments of the network, data-derived sizes included."""
+    config: Dict[str, Any]
+    """The launch config the run trained with (TrainConfig.to_dict())."""
+    dataset: Dict[str, Any] = field(default_factory=dict)
+    """What sampling needs to know about the data: latent_shape, num_classes, scaling_factor,
+    encoder, resolution, class_names (empty in checkpoints written before it was recorded)."""
+    nonfinite_skipped: int = 0
+    """Steps whose loss was non-finite and were skipped."""
+    ema_updates: int = 0
+    """EMA updates so far (they drive the EMA's decay warm-up)."""
+    replica_checksums: List[List[float]] = field(default_factory=list)
+    """[sum, sum of squares] of the weights per rank at save time; resume checks the loaded ones."""
+    phase_end: Optional[str] = None
+    """The unmask-tuning phase this checkpoint ends, if any (such checkpoints are kept)."""
+    universal_from: Optional[str] = None
+    """For a universal copy (mdt-universal): the checkpoint it was made from."""
+    format_version: int = FORMAT_VERSION
+    """Layout version of this record."""
+
+    def micro_batch_size(self) -> Optional[int]:
+        """data.micro_batch_size of the run that wrote it, if recorded."""
+        value = (self.config.get("data") or {}).get("micro_batch_size")
+        return None if value is None else int(value)
+
+    def to_json(self) -> str:
+        """The record as the JSON text of trainer_state.json."""
+        return json.dumps(dataclasses.asdict(self), indent=1, default=str)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(CheckpointRecord)}
+_REQUIRED = [name for name, f in _FIELDS.items()
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def _record_from_dict(data: Dict[str, Any], where: str) -> CheckpointRecord:
+    """Check a parsed trainer_state.json and build the record; `where` names it in errors."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} does not hold a JSON object")
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{where} has checkpoint format version {version!r}; this trainer reads versions "
+                              f"1 to {FORMAT_VERSION}: use the version of the trainer that wrote it (or a newer one)")
+    missing = [name for name in _REQUIRED if name not in data]
+    unknown = sorted(set(data) - set(_FIELDS))
+    if missing or unknown:
+        what = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"
+        raise CheckpointError(f"{where} {what}: not a checkpoint record of format version {version}")
+    if data.get("dataset") is None:  # early checkpoints wrote null or nothing
+        data = {**data, "dataset": {}}
+    return CheckpointRecord(**{**data, "format_version": version})
+
+
+def read_record(checkpoint: str) -> CheckpointRecord:
+    """The record of a checkpoint directory."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{checkpoint} is not a checkpoint of this trainer (no {STATE_FILE})")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    return _record_from_dict(data, path)
+
+
+def write_record(checkpoint: str, record: CheckpointRecord) -> None:
+    """Write the record into a checkpoint directory atomically."""
+    write_text_atomic(os.path.join(checkpoint, STATE_FILE), record.to_json())

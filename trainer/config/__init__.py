@@ -1,0 +1,30 @@
+"""The launch config: the schema (`schema`), YAML + overrides (`parsing`), checks (`validation`), the
+DeepSpeed JSON (`deepspeed_json`), the phase plan it implies (`phases`) and its reference
+(`reference`). Imports nothing of the runtime: a bad config fails in a second, before any process
+group or data loader exists."""
+
+from .deepspeed_json import PRECISIONS, to_deepspeed_json, zero_section
+from .parsing import config_from_dict, load_config
+from .phases import PhasePlan, PhaseState
+from .reference import reference_markdown
+from .schema import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    DeepSpeedSection,
+    DiffusionConfig,
+    EMAConfig,
+    ModelConfig,
+    MonitorConfig,
+    OptimConfig,
+    PhasesConfig,
+    RunConfig,
+    TrainConfig,
+)
+from .validation import validate
+
+__all__ = [
+    "PRECISIONS", "to_deepspeed_json", "zero_section", "config_from_dict", "load_config", "PhasePlan", "PhaseState",
+    "reference_markdown", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedSection", "DiffusionConfig",
+    "EMAConfig", "ModelConfig", "MonitorConfig", "OptimConfig", "PhasesConfig", "RunConfig", "TrainConfig", "validate",
+]

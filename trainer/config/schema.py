@@ -1,0 +1,264 @@
+"""The launch-config schema: one typed dataclass per section, a docstring under every field (they
+generate the config reference), derived values as methods. Parsing is trainer.config.parsing,
+checks trainer.config.validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from torch import nn
+
+from ..diffusion import Denoiser, make_denoiser
+from .phases import PhasePlan
+
+
+class ConfigError(ValueError):
+    """A user error in the launch config; the message is one line naming the key."""
+
+
+@dataclass
+class RunConfig:
+    """Identity and length of a run."""
+
+    name: str = "run"
+    """Run name; the run directory is output_dir/name (checkpoints, TensorBoard logs, samples)."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Base seed: per-step randomness is derived from (seed, rank, step), data from (seed, rank, worker, position)."""
+    total_steps: int = 1000
+    """Optimizer steps of the whole run, all phases included."""
+    stall_timeout_s: float = 1800.0
+    """A rank that makes no progress (no finished step, save or sample grid) for this long prints every
+    thread's stack and exits with status 4, so a hung job ends instead of idling until the scheduler's
+    limit; rerunning resumes from the last checkpoint. Covers start-up too. 0 disables."""
+
+    stop_file: Optional[str] = None
+    """While the run trains, creating this file makes it remove the file, finish the step, save a
+    checkpoint and exit with status 5 (as SIGTERM / SIGUSR1 / Ctrl-C do); null: RUN_DIR/STOP."""
+
+    def run_dir(self) -> str:
+        """Directory holding everything this run writes."""
+        return os.path.join(self.output_dir, self.name)
+
+    def stop_path(self) -> str:
+        """The stop file's path (see stop_file)."""
+        return self.stop_file or os.path.join(self.run_dir(), "STOP")
+
+
+@dataclass
+class ModelConfig:
+    """The network (see model_zoo.registry)."""
+
+    name: str = "MaskDiT-S/2"
+    """Registry name, e.g. MaskDiT-XL/2 or DiT-XL/2."""
+    options: Dict[str, Any] = field(default_factory=dict)
+    """Constructor overrides, e.g. {hidden_size: 64, depth: 4, decoder_depth: 2}."""
+    skip: bool = False
+    """Skip-DiT long skip branches (enables Skip-Cache sampling)."""
+    class_dropout_prob: float = 0.1
+    """Probability of training a sample as unconditional (classifier-free guidance)."""
+    activation_checkpointing: str = "none"
+    """Per-block recomputation in backward ('torch' is non-reentrant; 'none' keeps every activation)."""
+    offload_activations: bool = False
+    """With fairscale checkpointing: keep block inputs on the CPU."""
+    compile: bool = False
+    """torch.compile the network (after DeepSpeed wraps it)."""
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise levels, parameterisation and loss (see trainer.diffusion)."""
+
+    preconditioning: str = "edm"
+    """The parameterisation of the network output (EDM, or VP with epsilon-, v- or x0-prediction)."""
+    sigma_sampler: str = "lognormal"
+    """Training noise levels: EDM's log-normal sigma, or uniform timesteps of a DDPM schedule."""
+    p_mean: float = -1.2
+    """Mean of ln(sigma) for the lognormal sampler."""
+    p_std: float = 1.2
+    """Std of ln(sigma) for the lognormal sampler."""
+    sigma_data: float = 0.5
+    """Data standard deviation assumed by EDM preconditioning and weighting."""
+    weighting: str = "min_snr"
+    """Loss weight per noise level, defined in x0 space (min_snr: min(SNR, gamma), Hang et al. 2023)."""
+    gamma: float = 5.0
+    """Min-SNR cap."""
+    lambda_mae: float = 0.1
+    """Weight of MaskDiT's MAE reconstruction of masked tokens."""
+
+    def denoiser(self, net: nn.Module) -> Denoiser:
+        """The network with this preconditioning (and the DDPM schedule the sigma sampler implies)."""
+        return make_denoiser(net, self.preconditioning, self.sigma_data, self.sigma_sampler)
+
+
+@dataclass
+class DataConfig:
+    """The latent stream (see trainer.training.data)."""
+
+    shards: str = ""
+    """Dataset directory, manifest.json, brace pattern, or pipe: URL."""
+    manifest: Optional[str] = None
+    """Manifest path when shards is a pattern whose directory has none."""
+    batch_size: int = 256
+    """Global batch: images per optimizer step over all ranks."""
+    micro_batch_size: int = 32
+    """Images per forward on one rank; accumulation = batch_size / (micro_batch_size x ranks)."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Samples held per worker for shuffling."""
+    hflip: bool = True
+    """Use the stored flipped latents half of the time."""
+    epoch_samples: Optional[int] = None
+    """Samples per (resampled) epoch; default: the dataset size."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: Tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_steps: int = 0
+    """Linear lr warm-up from 0 over this many steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    torch_adam: bool = False
+    """Use torch's fused AdamW inside DeepSpeed instead of its own fused / CPU kernels (no JIT build)."""
+
+
+@dataclass
+class PhasesConfig:
+    """The masking plan: a pure function step -> (mask ratio, lr scale, phase); see trainer.config.phases."""
+
+    mask_ratio: float = 0.5
+    """Mask ratio of the masked phase (at step 0 when a schedule is used)."""
+    schedule: str = "constant"
+    """Shape of the way from mask_ratio to end_mask_ratio over the masked steps."""
+    end_mask_ratio: Optional[float] = None
+    """Mask ratio reached at the end of the masked steps (linear / cosine)."""
+    unmask_every: int = 0
+    """Every this many steps start a periodic unmask-tuning phase (0: never)."""
+    unmask_steps: int = 0
+    """Length of each periodic unmask-tuning phase (mask ratio 0)."""
+    unmask_lr_scale: float = 1.0
+    """lr multiplier during periodic unmask tuning."""
+    final_unmask_steps: int = 0
+    """Length of the final unmask-tuning phase at the end of the run."""
+    final_unmask_lr_scale: float = 0.5
+    """lr multiplier during the final unmask tuning."""
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights used for sampling."""
+
+    decay: float = 0.9999
+    """Target decay per step (ignored when half_life_images is set)."""
+    half_life_images: Optional[float] = None
+    """EDM-style: decay so that the average's half-life is this many images."""
+    warmup: bool = True
+    """Ramp the decay up (min(decay, (1+n)/(10+n)), or half-life <= 0.05 x images seen) so early EMAs are not noise."""
+    update_every: int = 1
+    """Update the EMA every this many steps (cheaper under ZeRO-3, where parameters are gathered)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    every: int = 1000
+    """Save every this many steps (and at the end of every unmask-tuning phase and the run)."""
+    keep_last: int = 3
+    """Keep the newest N periodic checkpoints; phase-end checkpoints are kept too when keep_phase_ends."""
+    keep_phase_ends: bool = True
+    """Never rotate away checkpoints taken at the end of an unmask-tuning phase."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in the run dir, if any; its mdt-universal copy when the number
+    of ranks changed), none, or a checkpoint directory."""
+
+
+@dataclass
+class MonitorConfig:
+    """Logging, sample grids and the non-finite-loss guard."""
+
+    log_every: int = 20
+    """Reduce and log metrics every this many steps (the only host syncs of the loop)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to run_dir/tb."""
+    sample_every: int = 0
+    """Log an EMA sample grid every this many steps (0: only at the end)."""
+    sample_count: int = 16
+    """Images in a sample grid."""
+    sample_steps: int = 18
+    """EDM Heun steps for sample grids."""
+    guidance_scale: float = 1.5
+    """Classifier-free guidance for sample grids."""
+    max_nonfinite: int = 5
+    """Stop the run after this many non-finite losses in a row (each is skipped and counted)."""
+    peak_tflops: Optional[float] = None
+    """Accelerator peak (bf16 TFLOP/s per rank) for MFU; default: measured once at start."""
+
+
+@dataclass
+class DeepSpeedSection:
+    """Engine settings turned into DeepSpeed's JSON (see to_deepspeed_json)."""
+
+    zero_stage: int = 2
+    """ZeRO stage 0-3."""
+    precision: str = "bf16"
+    """Training precision of the engine."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimizer state to CPU memory (stage >= 1)."""
+    contiguous_gradients: Optional[bool] = None
+    """ZeRO >= 1: copy gradients into one buffer as they are produced; default on for accelerators
+    (less fragmentation), off on CPU (where it is only an extra copy of every gradient)."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Advanced keys merged into the generated JSON as given (wins over generated values)."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole launch config; one section per concern."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step; validate() guarantees it divides."""
+        return self.data.batch_size // (self.data.micro_batch_size * world_size)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (YAML / JSON safe)."""
+        return plain(dataclasses.asdict(self))
+
+    def phase_plan(self) -> PhasePlan:
+        """The step -> (mask ratio, lr scale, phase) plan of this run."""
+        return PhasePlan(self.phases, self.run.total_steps, self.optim.warmup_steps)
+
+
+def plain(value: Any) -> Any:
+    """Tuples as lists, recursively: a YAML / JSON safe copy of a dataclass's asdict()."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

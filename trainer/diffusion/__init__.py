@@ -1,0 +1,56 @@
+"""Diffusion maths as small pure functions on plain arguments, separate from the network: noise
+levels and schedules (`noise`), preconditionings and the Denoiser (`preconditioning`), loss weights
+(`weighting`), the MaskDiT objective (`objective`) and samplers with guidance and Skip-Cache
+(`samplers`). Nothing here knows the launch config, the training run or DeepSpeed.
+
+Each name a config can give (preconditioning, weighting, sigma sampler, DDPM schedule, sampler)
+comes from one registry dict here, used both to validate the config and to build the object.
+"""
+
+from .noise import (
+    SCHEDULES,
+    SIGMA_CEIL,
+    SIGMA_FLOOR,
+    SIGMA_SAMPLERS,
+    DDPMSchedule,
+    DiscreteSigma,
+    LogNormalSigma,
+    SigmaSampler,
+    column,
+    ddpm_schedule_for,
+    make_sigma_sampler,
+    snr,
+)
+from .objective import LossOutput, maskdit_loss, normalize_patches, per_token_mse, training_losses
+from .preconditioning import (
+    PRECONDITIONINGS,
+    Denoiser,
+    EDMPrecond,
+    Preconditioning,
+    VPPrecond,
+    make_denoiser,
+    make_preconditioning,
+)
+from .samplers import (
+    SAMPLERS,
+    GuidedModel,
+    SampleResult,
+    SamplerSpec,
+    SkipCacheConfig,
+    ddpm_sigmas,
+    default_sigmas,
+    karras_sigmas,
+    sample,
+)
+from .weighting import WEIGHTINGS, LossWeighting
+
+__all__ = [
+    "SCHEDULES", "SIGMA_CEIL", "SIGMA_FLOOR", "SIGMA_SAMPLERS", "DDPMSchedule", "DiscreteSigma", "LogNormalSigma",
+    "SigmaSampler", "column", "ddpm_schedule_for", "make_sigma_sampler", "snr",
+    "LossOutput", "maskdit_loss", "normalize_patches", "per_token_mse", "training_losses",
+    "PRECONDITIONINGS", "Denoiser", "EDMPrecond", "Preconditioning", "VPPrecond", "make_denoiser",
+    "make_preconditioning",
+    "SAMPLERS", "GuidedModel", "SampleResult", "SamplerSpec", "SkipCacheConfig", "ddpm_sigmas", "default_sigmas",
+    "karras_sigmas", "sample",
+    "WEIGHTINGS", "LossWeighting",
+]

@@ -1,0 +1,70 @@
+"""Image sets for evaluation: .npz (ADM layout), image directories, the built-in digits."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from data_tools.format import DataToolsError
+
+from .digits import real_digits
+from .errors import EvalError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_images(path: str, resolution: Optional[int] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """uint8 images [N, H, W, 3] and labels [N] (or None) from an .npz, an image directory, or
+    `digits:SPLIT` (real digits at `resolution`, default 8)."""
+    if path.startswith("digits:"):
+        try:
+            return real_digits(path.partition(":")[2], resolution or 8)
+        except DataToolsError as err:
+            raise EvalError(str(err)) from None
+    if os.path.isdir(path):
+        return _load_dir(path), None
+    if not os.path.isfile(path):
+        raise EvalError(f"image set {path} does not exist")
+    if not path.endswith(".npz"):
+        raise EvalError(f"image set {path}: expected an .npz file, a directory of images or digits:SPLIT")
+    with np.load(path) as data:
+        if "arr_0" not in data.files:
+            raise EvalError(f"{path} has no arr_0 (images [N, H, W, 3] uint8); it holds {', '.join(data.files)}")
+        images = data["arr_0"]
+        labels = data["arr_1"] if "arr_1" in data.files else None
+    return _check_images(images, path), (labels.reshape(-1).astype(np.int64) if labels is not None else None)
+
+
+def _check_images(images: np.ndarray, where: str) -> np.ndarray:
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise EvalError(f"{where}: images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    if len(images) < 2:
+        raise EvalError(f"{where}: need at least 2 images for feature statistics, got {len(images)}")
+    return images
+
+
+def _load_dir(path: str) -> np.ndarray:
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise EvalError(f"directory {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    arrays = []
+    for f in files:
+        with Image.open(f) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+    if len({a.shape for a in arrays}) != 1:
+        raise EvalError(f"directory {path}: images differ in size ({sorted({a.shape for a in arrays})[:2]} ...)")
+    return _check_images(np.stack(arrays), path)
+
+
+def load_reference_stats(path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Precomputed (mu, sigma) from an .npz with `mu` and `sigma` but no `arr_0`, else None."""
+    if not (path.endswith(".npz") and os.path.isfile(path)):
+        return None
+    with np.load(path) as data:
+        if "arr_0" in data.files or not {"mu", "sigma"} <= set(data.files):
+            return None
+        return data["mu"], data["sigma"]

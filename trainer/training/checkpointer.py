@@ -1,0 +1,239 @@
+"""Saving and restoring a training run: when a checkpoint is due, writing one on every rank (the
+record and EMA from rank 0, COMPLETE last), rotation, and resuming from the latest one (weights
+checked against the saved checksums, the data stream placed where it was, or rescaled for a new
+world size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from deepspeed import DeepSpeedEngine
+from safetensors.torch import load_file, save_file
+
+from data_tools.format import write_text_atomic
+
+from ..checkpoints import (
+    COMPLETE,
+    EMA_FILE,
+    LATEST,
+    PARTIAL_SUFFIX,
+    UNIVERSAL_SUFFIX,
+    CheckpointError,
+    CheckpointRecord,
+    find_resume,
+    for_world_size,
+    make_tag,
+    read_record,
+    rotate,
+    write_record,
+)
+from ..config import TrainConfig
+from ..config.phases import PhaseState
+from ..distributed import barrier
+from .data import LatentLoader
+from .ema import EMA
+from .engine import replica_checksums
+from .stop import RunStopped
+
+
+@dataclass
+class RunState:
+    """The run's counters, carried in checkpoints."""
+
+    step: int = 0
+    images_seen: int = 0
+    nonfinite_skipped: int = 0
+
+
+def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, record: CheckpointRecord,
+                    data_state: Dict[str, Any], rank: int, sync: Callable[[], None] = barrier) -> str:
+    """Write a checkpoint; must be called on every rank. Returns the checkpoint directory.
+
+    Order: DeepSpeed's shards and each rank's data position, then (rank 0) the EMA and the record,
+    then COMPLETE and `latest`: a checkpoint without COMPLETE is never resumed from.
+    """
+    path = os.path.join(root, tag)
+    if rank == 0:
+        if os.path.exists(path):
+            shutil.rmtree(path)  # a leftover of the same tag: a partial save, or a run resumed from an older one
+        for stale in (path + UNIVERSAL_SUFFIX, path + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX):
+            shutil.rmtree(stale, ignore_errors=True)  # made from the old <tag>, no longer its state
+    sync()
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    os.makedirs(path, exist_ok=True)
+    write_text_atomic(os.path.join(path, f"data_rank{rank}.json"), json.dumps(data_state))
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(path, EMA_FILE))
+        write_record(path, record)
+    sync()
+    if rank == 0:
+        write_text_atomic(os.path.join(path, COMPLETE), "")
+        write_text_atomic(os.path.join(root, LATEST), tag)
+    sync()
+    return path
+
+
+def load_checkpoint(engine: DeepSpeedEngine, ema: EMA, path: str, rank: int
+                    ) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]]]:
+    """Restore engine (model + optimizer) and EMA; returns the record and this rank's data position."""
+    root, tag = os.path.split(os.path.normpath(path))
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
+    record = read_record(path)
+    ema.load_state_dict(load_file(os.path.join(path, EMA_FILE)), updates=record.ema_updates)
+    data_file = os.path.join(path, f"data_rank{rank}.json")
+    data = None
+    if os.path.exists(data_file):
+        with open(data_file) as f:
+            data = json.load(f)
+    return record, data
+
+
+def optimizer_state_summary(optimizer: object) -> str:
+    """What the optimizer holds, for the resume line: 'Adam step N' (the largest step count in its
+    state) or 'fresh' (no state yet). Follows `.optimizer` from DeepSpeed's wrapper (ZeRO 1-3, the
+    bf16 optimizer) to the innermost torch optimizer; ZeRO-0 without one is that optimizer."""
+    inner, opt, seen = None, optimizer, set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            inner = opt
+        opt = getattr(opt, "optimizer", None)
+    if inner is None or not inner.state:
+        return "fresh"
+    steps = [s["step"] for s in inner.state.values() if isinstance(s, dict) and "step" in s]
+    steps += [g["step"] for g in inner.param_groups if "step" in g]  # optimizers that count per group
+    if not steps:
+        return "loaded (no step count)"
+    return f"Adam step {max(int(float(s)) for s in steps)}"
+
+
+# ----------------------------------------------------------------------------- data positions
+
+
+def data_states(path: str, world_size: int) -> List[Dict[str, Any]]:
+    """The data stream positions saved by each of world_size ranks."""
+    out = []
+    for r in range(world_size):
+        with open(os.path.join(path, f"data_rank{r}.json")) as f:
+            out.append(json.load(f))
+    return out
+
+
+def rescale_data_state(saved: List[Dict[str, Any]], saved_micro_batch: int, rank: int, world_size: int,
+                       micro_batch: int, steps_per_epoch: int) -> Dict[str, Any]:
+    """Data stream position for `rank` of `world_size` ranks from the positions saved by
+    len(saved) ranks (each with micro batches of saved_micro_batch samples).
+
+    A rank's stream depends on its rank and the world size, so saved positions do not carry over.
+    The new stream starts in the saved epoch after the same number of that epoch's samples (over all
+    ranks), rounded down to whole micro batches of the new world: deterministic for the new world
+    size. The rest of that epoch is drawn afresh (a sample of it may repeat or be left out); later
+    epochs are whole. skipped: each rank keeps its own count (0 for new ranks).
+    """
+    epoch, done = int(saved[0]["epoch"]), int(saved[0]["batches_in_epoch"])  # the same on every rank
+    batches = done * len(saved) * saved_micro_batch // (world_size * micro_batch)
+    if batches >= steps_per_epoch:
+        epoch, batches = epoch + 1, 0
+    return dict(samples_seen=sum(int(s["samples_seen"]) for s in saved) // world_size, epoch=epoch,
+                batches_in_epoch=batches, skipped=int(saved[rank].get("skipped", 0)) if rank < len(saved) else 0)
+
+
+def resume_data_state(record: CheckpointRecord, data: Optional[Dict[str, Any]], path: str, rank: int,
+                      world_size: int, micro_batch: int, steps_per_epoch: int
+                      ) -> Tuple[Optional[Dict[str, Any]], bool]:
+    """(this rank's data stream position, whether it was rescaled) for resuming from checkpoint
+    `path` with its record and this rank's saved position `data`.
+
+    The saved position counts micro batches of the saved world: it is used as it is only when
+    (world size, micro batch size) is the saved pair, else `rescale_data_state` converts it. A
+    record without the micro batch size counts as written with this run's.
+    """
+    saved_micro = record.micro_batch_size()
+    saved_micro = micro_batch if saved_micro is None else saved_micro
+    if (record.world_size, saved_micro) == (world_size, micro_batch):
+        return data, False
+    return rescale_data_state(data_states(path, record.world_size), saved_micro, rank, world_size, micro_batch,
+                              steps_per_epoch), True
+
+
+# ----------------------------------------------------------------------------- the run's checkpointer
+
+
+def resume_target(cfg: TrainConfig, world_size: int) -> Optional[str]:
+    """The checkpoint this run resumes from (checkpoint.resume; the universal copy when the world
+    size changed), or None; RunStopped with the reason when it cannot be used."""
+    root = os.path.join(cfg.run.run_dir(), "checkpoints")
+    try:
+        found = find_resume(root, cfg.checkpoint.resume)
+        return found and for_world_size(found, world_size)
+    except CheckpointError as err:
+        raise RunStopped(str(err)) from None
+
+
+class Checkpointer:
+    """A run's checkpoints: `due` says when, `save` writes (all ranks), `resume` restores."""
+
+    def __init__(self, cfg: TrainConfig, engine: DeepSpeedEngine, ema: EMA, loader: LatentLoader, rank: int,
+                 world_size: int, model_kwargs: Dict[str, Any], dataset: Dict[str, Any]):
+        self.cfg, self.engine, self.ema, self.loader = cfg, engine, ema, loader
+        self.rank, self.world_size = rank, world_size
+        self.model_kwargs, self.dataset = model_kwargs, dataset
+        self.root = os.path.join(cfg.run.run_dir(), "checkpoints")
+
+    def due(self, step: int, phase: PhaseState, stopping: bool) -> bool:
+        """Whether to save after the step just finished (1-based): every checkpoint.every steps, at
+        the end of an unmask-tuning phase, at the last step and when a stop was requested."""
+        return (phase.phase_end or step % self.cfg.checkpoint.every == 0 or step == self.cfg.run.total_steps
+                or stopping)
+
+    def save(self, state: RunState, phase_end: Optional[str]) -> str:
+        """Save the run after `state.step` steps (every rank), then rotate old checkpoints (rank 0)."""
+        sums = replica_checksums(self.engine.module.net)  # collective: every rank takes part
+        if self.rank == 0 and any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for s in sums for a, b in zip(s, sums[0])):
+            print(f"warning: data-parallel replicas hold different weights at step {state.step}: {sums}", flush=True)
+        record = CheckpointRecord(
+            step=state.step, images_seen=state.images_seen, nonfinite_skipped=state.nonfinite_skipped,
+            world_size=self.world_size, model_name=self.cfg.model.name, model_kwargs=self.model_kwargs,
+            config=self.cfg.to_dict(), dataset=self.dataset, ema_updates=self.ema.updates, replica_checksums=sums,
+            phase_end=phase_end)
+        path = save_checkpoint(self.engine, self.ema, self.root, make_tag(state.step, phase_end), record,
+                               self.loader.state_dict(), self.rank)
+        if self.rank == 0:
+            rotate(self.root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_phase_ends)
+            print(f"saved checkpoint {path}", flush=True)
+        return path
+
+    def resume(self, path: str) -> RunState:
+        """Load a checkpoint, check that the weights are the saved ones, place the data stream."""
+        try:
+            record, data = load_checkpoint(self.engine, self.ema, path, self.rank)
+        except CheckpointError as err:
+            raise RunStopped(str(err)) from None
+        sums = replica_checksums(self.engine.module.net)  # collective: every rank takes part
+        want = (record.replica_checksums or [None])[0]
+        if want and any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for s in sums for a, b in zip(s, want)):
+            raise RunStopped(f"weights loaded from {path} differ from the saved ones (checksums {sums} vs {want})")
+        micro = self.cfg.data.micro_batch_size
+        data, rescaled = resume_data_state(record, data, path, self.rank, self.world_size, micro, len(self.loader))
+        if rescaled and self.rank == 0:
+            was_micro = record.micro_batch_size() or micro
+            was, now = f"a world of {record.world_size}", f"{self.world_size}"
+            if was_micro != micro:
+                was, now = f"{was} with micro batches of {was_micro}", f"{now} with micro batches of {micro}"
+            print(f"warning: {path} was written by {was}, this run has {now}: the data stream restarts as drawn for "
+                  f"{self.world_size} at epoch {data['epoch']}, batch {data['batches_in_epoch']} (the same share of "
+                  "the epoch; the rest of this epoch is drawn afresh)", flush=True)
+        if data:
+            self.loader.load_state_dict(data)
+        if self.rank == 0:
+            checked = " (weights match the saved checksums)" if want else ""
+            print(f"resumed from {path} at step {record.step}{checked}, optimizer state: "
+                  f"{optimizer_state_summary(self.engine.optimizer)}", flush=True)
+        return RunState(record.step, record.images_seen, record.nonfinite_skipped)

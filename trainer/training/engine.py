@@ -1,0 +1,99 @@
+"""The DeepSpeed engine of a training run: its JSON config on this accelerator, building it (under
+zero.Init for ZeRO-3), per-step seeding, and the helpers that read ZeRO-3 partitioned weights
+(gathered one top-level child at a time: replica checksums, the EMA)."""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from ..config import TrainConfig, to_deepspeed_json
+from ..distributed import accelerator_name
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
+    """DeepSpeed's JSON for this launch config, world size and this process's accelerator."""
+    return to_deepspeed_json(cfg, world_size, accelerator_name())
+
+
+def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[str, Any], rank: int,
+                 compile_model: bool = False) -> deepspeed.DeepSpeedEngine:
+    """Build the module (under zero.Init for ZeRO-3) and wrap it in a DeepSpeed engine.
+
+    Under zero.Init every parameter is partitioned as soon as its module is built, so the model's
+    own initialisation ran on empty shards: it is re-applied on rank 0 with the parameters
+    gathered, and DeepSpeed scatters the result.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            module = build_module()
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            if rank == 0:
+                module.net.initialize_weights()
+    else:
+        module = build_module()
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
+                                           config=ds_config)
+    if compile_model:
+        engine.compile()
+    return engine
+
+
+def seed_step(seed: int, rank: int, step: int, micro: int) -> None:
+    """Seed every RNG for one micro-step from (seed, rank, step, micro): resumed runs draw the same
+    noise, sigmas, masks and label drops as uninterrupted ones, without saving RNG states."""
+    value = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+    torch.manual_seed(value)
+    random.seed(value)
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.manual_seed(value)
+
+
+@contextmanager
+def gathered(params: List[torch.nn.Parameter]) -> Iterator[None]:
+    """Make ZeRO-3 partitioned parameters whole for reading (a no-op for other stages)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def parameter_chunks(module: torch.nn.Module) -> Iterator[List[Tuple[str, torch.nn.Parameter]]]:
+    """Named parameters in pieces small enough to gather one at a time: the module's own
+    parameters, then each top-level child's."""
+    own = list(module.named_parameters(recurse=False))
+    if own:
+        yield own
+    for name, child in module.named_children():
+        params = list(child.named_parameters(prefix=name))
+        if params:
+            yield params
+
+
+@torch.no_grad()
+def replica_checksums(module: torch.nn.Module) -> List[List[float]]:
+    """[sum, sum of squares] of all weights, per rank (gathered under ZeRO-3).
+
+    Data-parallel replicas must hold identical weights; a mismatch means silent divergence.
+    """
+    device = next(module.parameters()).device
+    local = torch.zeros(2, dtype=torch.float64, device=device)
+    for params in parameter_chunks(module):
+        with gathered([p for _, p in params]):
+            for _, p in params:
+                v = p.detach().double()
+                local += torch.stack([v.sum(), v.square().sum()])
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [local.tolist()]
+    out = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return [t.tolist() for t in out]

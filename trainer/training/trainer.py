@@ -1,0 +1,202 @@
+"""The training run: a `Trainer` built once from a launch config owns the engine, the EMA, the data
+stream, the phase plan, the monitor, the sample grids and the checkpointer; `train()` steps through
+the plan and lets each component decide when it acts. Resume is rerunning the same command."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict
+
+import torch
+
+from model_zoo.flops import model_flops
+from model_zoo.registry import build_model
+
+from ..checkpoints import is_universal
+from ..config import PRECISIONS, PhaseState, TrainConfig
+from ..config.phases import MASKED
+from ..distributed import DistInfo
+from .checkpointer import Checkpointer, RunState, resume_target
+from .data import LatentLoader, build_latent_loader
+from .ema import EMA
+from .engine import build_engine, deepspeed_config, seed_step
+from .monitor import Monitor, measure_peak_flops
+from .previews import SampleGrids
+from .stop import RunStopped, StopFlag, StopRequested
+from .task import TrainingModule, build_network, model_kwargs
+
+
+def dataset_summary(loader: LatentLoader) -> dict:
+    """What sampling needs to know about the training data: shapes, classes, how to decode."""
+    m = loader.manifest
+    return {"latent_shape": list(m.spec.shape), "num_classes": m.num_classes, "scaling_factor": m.scaling_factor,
+            "encoder": m.encoder, "resolution": m.resolution, "class_names": m.source.get("class_names")}
+
+
+class FlopsPerImage:
+    """Training FLOPs (forward + backward) per image at a mask ratio, counted once per ratio."""
+
+    def __init__(self, name: str, kwargs: dict):
+        self.name, self.kwargs = name, {k: v for k, v in kwargs.items() if k != "class_dropout_prob"}
+        self._cache: Dict[float, float] = {}
+
+    def __call__(self, mask_ratio: float) -> float:
+        key = round(mask_ratio, 2)
+        if key not in self._cache:
+            self._cache[key] = float(model_flops(self.name, 1, key, backward=True, **self.kwargs))
+        return self._cache[key]
+
+
+def _no_beat(what: str) -> None:
+    pass
+
+
+class Trainer:
+    """One training run on this rank; `train()` runs (or resumes) it to run.total_steps.
+
+    `beat(what)` is called at every sign of progress with the work that follows (see
+    trainer.training.watchdog.StallWatchdog).
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, beat: Callable[[str], None] = _no_beat):
+        self.cfg, self.dist, self.beat = cfg, dist_info, beat
+        rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+        d = cfg.data
+        beat("opening the data shards")
+        self.loader = build_latent_loader(d.shards, d.micro_batch_size, rank, world, num_workers=d.num_workers,
+                                          seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer, hflip=d.hflip,
+                                          epoch_samples=d.epoch_samples, manifest=d.manifest)
+        latent_shape = tuple(self.loader.manifest.spec.shape)
+        kwargs = model_kwargs(cfg, latent_shape, self.loader.manifest.num_classes)
+        self.resume_from = resume_target(cfg, world)
+        ds_config = deepspeed_config(cfg, world)
+        if self.resume_from and is_universal(self.resume_from):
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        beat("building the engine")
+        self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank,
+                                   cfg.model.compile)
+        self.ema = EMA(build_model(cfg.model.name, **kwargs).to(device), cfg.ema, d.batch_size)
+        self.ema.copy_from(self.engine.module.net)
+        self.plan = cfg.phase_plan()
+        self.flops = FlopsPerImage(cfg.model.name, kwargs)
+        peak = cfg.monitor.peak_tflops * 1e12 if cfg.monitor.peak_tflops else \
+            measure_peak_flops(device, PRECISIONS[cfg.deepspeed.precision])
+        self.monitor = Monitor(cfg.monitor, cfg.run.run_dir(), rank, cfg.run.total_steps, device, peak)
+        self.grids = SampleGrids(cfg, self.ema, self.loader.manifest, latent_shape, device, self.monitor)
+        self.checkpointer = Checkpointer(cfg, self.engine, self.ema, self.loader, rank, world, kwargs,
+                                         dataset_summary(self.loader))
+        self.stop: StopFlag | None = None  # installed once training starts (after resume)
+        self.state = RunState()
+        self._bad_in_a_row = 0
+
+    def train(self) -> RunState:
+        """Run the plan from the latest checkpoint (or the start) to the end; returns the counters."""
+        cfg, rank = self.cfg, self.dist.rank
+        try:
+            self._start()
+            # Signals count from here: during start-up and resume they end the process as usual.
+            self.stop = StopFlag(cfg.run.stop_path())
+            batches = self.loader.batches()
+            while self.state.step < cfg.run.total_steps:
+                self.beat(f"step {self.state.step + 1}")
+                phase = self.plan.at(self.state.step)
+                stopping, data_wait = self._step(batches, phase)
+                self.state.step += 1
+                self.state.images_seen += cfg.data.batch_size
+                step = self.state.step
+                self.ema.step_done(step, self.engine.module.net, self.state.images_seen)
+                self._account(phase, data_wait)
+                if self.monitor.due(step):
+                    self._log(phase)
+                if self.grids.due(step) and rank == 0:
+                    self.beat(f"the sample grid at step {step}")
+                    self.grids.make(step)
+                if self.checkpointer.due(step, phase, stopping):
+                    self.beat(f"saving the checkpoint of step {step}")
+                    self.checkpointer.save(self.state, phase.phase if phase.phase_end else None)
+                if stopping and step < cfg.run.total_steps:
+                    why = f" ({self.stop.reason})" if self.stop.reason else ""
+                    raise StopRequested(f"stop requested{why}: checkpoint saved at step {step}; rerun the same "
+                                        "command to resume")
+            if rank == 0:
+                self.beat("the final sample grid")
+                self.grids.make(self.state.step)
+        finally:
+            self.monitor.close()
+            self._release_engine()
+        return self.state
+
+    def _release_engine(self) -> None:
+        try:
+            self.engine.destroy()
+        except Exception as err:  # noqa: BLE001 - teardown must not hide the run's own error
+            print(f"warning: releasing the DeepSpeed engine failed: {type(err).__name__}: {err}", flush=True)
+
+    def _start(self) -> None:
+        if self.resume_from:
+            self.beat(f"resuming from {self.resume_from}")
+            self.state = self.checkpointer.resume(self.resume_from)
+        elif self.dist.rank == 0:
+            self.monitor.text("config", f"```\n{self.cfg.to_dict()}\n```")
+            self.monitor.text("phase_plan", f"```\n{self.plan.table()}\n```")
+
+    def _step(self, batches, phase: PhaseState):
+        """One optimizer step of `accumulation` micro-steps; a micro-step whose loss is non-finite on
+        any rank is skipped on every rank and retried with the next batch. Returns (stop requested,
+        seconds waited for data)."""
+        cfg, rank, world, device = self.cfg, self.dist.rank, self.dist.world_size, self.dist.device
+        if rank == 0:
+            self.stop.poll_file()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * phase.lr_scale
+        micro, attempt, data_wait, stopping = 0, 0, 0.0, False
+        while micro < cfg.accumulation_steps(world):
+            start = time.perf_counter()
+            z, y = next(batches)
+            data_wait += time.perf_counter() - start
+            z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            seed_step(cfg.run.seed, rank, self.state.step, attempt)
+            attempt += 1
+            out = self.engine(z, y, phase.mask_ratio)
+            loss = out.loss.mean()
+            flags = torch.stack([(~torch.isfinite(loss)).float(),
+                                 torch.tensor(float(self.stop.requested), device=device)])
+            if world > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            bad, stop_now = flags.tolist()
+            # Acted on at the end of the step: the checkpoint then sits on a step boundary and the
+            # data position excludes nothing the step drew, so the rerun continues exactly.
+            stopping = stopping or bool(stop_now)
+            if bad:
+                self._skip_nonfinite()
+                continue
+            self._bad_in_a_row = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            self.monitor.record(out)
+            micro += 1
+        return stopping, data_wait
+
+    def _skip_nonfinite(self) -> None:
+        self.state.nonfinite_skipped += 1
+        self._bad_in_a_row += 1
+        step = self.state.step + 1
+        if self.dist.rank == 0:
+            print(f"warning: non-finite loss in step {step} (skipped, {self._bad_in_a_row} in a row)", flush=True)
+        if self._bad_in_a_row >= self.cfg.monitor.max_nonfinite:
+            raise RunStopped(f"{self._bad_in_a_row} non-finite losses in a row in step {step}: stopping; the "
+                             f"last good checkpoint in {self.checkpointer.root} is intact (lower optim.lr or check "
+                             "the data)")
+
+    def _account(self, phase: PhaseState, data_wait: float) -> None:
+        per_rank = self.cfg.data.batch_size // self.dist.world_size
+        self.monitor.step_done(per_rank, self.flops(phase.mask_ratio) * per_rank, data_wait, self.loader.skipped)
+
+    def _log(self, phase: PhaseState) -> None:
+        norm = self.engine.get_global_grad_norm()
+        self.monitor.log(self.state.step, {
+            "lr": self.cfg.optim.lr * phase.lr_scale, "mask_ratio": phase.mask_ratio,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "skipped_steps": float(self.state.nonfinite_skipped), "phase_unmask": float(phase.phase != MASKED),
+        }, self.dist.world_size, phase.phase)
