@@ -29,6 +29,7 @@ from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
 
 FORMAT_NAME = "mdt-latents"
 FORMAT_VERSION = 1
@@ -340,6 +341,39 @@ class Manifest:
         except (OSError, ValueError) as exc:
             raise DataToolsError(f"cannot read manifest {path}: {exc}") from None
         return cls.from_dict(data, where=path)
+
+
+def manifest_location(shards: str | list[str], manifest: str | None = None) -> str:
+    """Where the manifest of a dataset given as a directory, a manifest path, or a brace pattern /
+    ``::``-joined list / ``pipe:`` URL / list of shards is (``manifest`` when given; for patterns,
+    beside the first local shard). Derived files, such as cached FID statistics, go beside it."""
+    if manifest:
+        return manifest
+    if isinstance(shards, str) and os.path.isdir(shards):
+        return os.path.join(shards, MANIFEST_NAME)
+    if isinstance(shards, str) and shards.endswith(".json"):
+        return shards
+    urls = [u for item in ([shards] if isinstance(shards, str) else shards) for u in expand_urls(item)]
+    if urls and os.path.isfile(urls[0]):
+        return os.path.join(os.path.dirname(urls[0]), MANIFEST_NAME)
+    raise DataToolsError(f"no manifest for shards {str(shards)[:120]}: pass manifest=PATH "
+                         "(it gives latent shape, scaling factor and classes)")
+
+
+def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tuple[list[str], Manifest]:
+    """Shard URLs and the manifest for a dataset directory, a manifest path, a brace pattern /
+    ``::``-joined list / ``pipe:`` URL, or a list of those."""
+    if isinstance(shards, str) and (shards.endswith(".json") or os.path.isdir(shards)):
+        path = manifest_location(shards)
+        man = Manifest.load(path)
+        root = os.path.dirname(path)
+        return [os.path.join(root, s.name) for s in man.shards], man
+    urls = [u for item in ([shards] if isinstance(shards, str) else shards) for u in expand_urls(item)]
+    path = manifest_location(shards, manifest)
+    if not os.path.exists(path) and "://" not in path and not path.startswith("pipe:"):
+        raise DataToolsError(f"no manifest for shards {str(shards)[:120]}: pass manifest=PATH "
+                             "(it gives latent shape, scaling factor and classes)")
+    return urls, Manifest.load(path)
 
 
 def find_manifest(path: str) -> str:

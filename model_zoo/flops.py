@@ -76,6 +76,22 @@ def model_flops(name: str, batch_size: int = 1, mask_ratio: float = 0.0, backwar
     return count_flops(model, batch_size, mask_ratio, backward, device=torch.device("meta"))
 
 
+class FlopsPerImage:
+    """Training FLOPs (forward + backward) of one image through a registry network at a mask ratio,
+    counted once per ratio (rounded to 2 decimals). `kwargs` are the network's constructor
+    arguments; class_dropout_prob is left out (it changes no shape)."""
+
+    def __init__(self, name: str, kwargs: Dict):
+        self.name, self.kwargs = name, {k: v for k, v in kwargs.items() if k != "class_dropout_prob"}
+        self._cache: Dict[float, float] = {}
+
+    def __call__(self, mask_ratio: float) -> float:
+        key = round(mask_ratio, 2)
+        if key not in self._cache:
+            self._cache[key] = float(model_flops(self.name, 1, key, backward=True, **self.kwargs))
+        return self._cache[key]
+
+
 def main(argv: Optional[list] = None) -> int:
     """CLI: print forward and training-step GFLOPs per sample for registry models."""
     parser = argparse.ArgumentParser(prog="mdt-flops", description=__doc__.splitlines()[0])

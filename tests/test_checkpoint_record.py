@@ -38,7 +38,8 @@ def test_a_record_written_before_versioning_reads_as_version_1():
     raw = json.loads((V1 / STATE_FILE).read_text())
     assert "format_version" not in raw  # the fixture predates the field
     record = read_record(str(V1))
-    assert record.format_version == 1 == FORMAT_VERSION
+    assert record.format_version == 1 and FORMAT_VERSION == 2
+    assert (record.train_flops, record.train_seconds) == (0.0, 0.0)  # fields of version 2
     assert (record.step, record.world_size, record.images_seen, record.ema_updates) == (3, 2, 48, 3)
     assert record.model_name == "MaskDiT-S/2" and record.model_kwargs["hidden_size"] == 16
     assert record.dataset["latent_shape"] == [3, 8, 8] and record.micro_batch_size() == 8
@@ -105,3 +106,4 @@ def test_the_old_checkpoint_resumes_training(digits8, tmp_path):
     record = read_record(str(run_dir / "checkpoints" / "step00000005"))
     assert isinstance(record, CheckpointRecord) and record.step == 5 and record.format_version == FORMAT_VERSION
     assert record.images_seen == 80 and record.ema_updates == 5
+    assert record.train_flops > 0 and record.train_seconds > 0  # counted from the resume on

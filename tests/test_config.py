@@ -108,8 +108,8 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
 
 
 def test_dry_run_prints_config_plan_and_deepspeed_json(capsys, digits8):
-    assert main(["--config", str(CONFIGS[0]), "--set", f"data.shards={digits8}", "--world-size", "2",
-                 "--dry-run"]) == 0
+    assert main(["--config", str(CONFIGS[0]), "--set", f"data.shards={digits8}", f"data.val_shards={digits8}",
+                 "--world-size", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "final_unmask" in out and '"train_batch_size": 64' in out and "data: shards found" in out
 

@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Optional
 from data_tools.format import write_text_atomic
 
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
-"""Version of the record's layout. Checkpoints written before the field existed carry the same
-fields and read as version 1; a newer version is refused with a one-line error."""
+FORMAT_VERSION = 2
+"""Version of the record's layout: 1, the fields every checkpoint had before the version was
+recorded (such files read as version 1); 2 adds train_flops and train_seconds (0 when read from
+version 1). A newer version than this is refused with a one-line error."""
 
 
 class CheckpointError(ValueError):
@@ -47,6 +48,10 @@ class CheckpointRecord:
     encoder, resolution, class_names (empty in checkpoints written before it was recorded)."""
     nonfinite_skipped: int = 0
     """Steps whose loss was non-finite and were skipped."""
+    train_flops: float = 0.0
+    """Training FLOPs spent so far, all ranks (forward + backward, at each step's mask ratio)."""
+    train_seconds: float = 0.0
+    """Training wall time so far, evaluation and checkpoint saves excluded."""
     ema_updates: int = 0
     """EMA updates so far (they drive the EMA's decay warm-up)."""
     replica_checksums: List[List[float]] = field(default_factory=list)

@@ -14,6 +14,7 @@ from .schema import (
     DeepSpeedSection,
     DiffusionConfig,
     EMAConfig,
+    EvalConfig,
     ModelConfig,
     MonitorConfig,
     OptimConfig,
@@ -26,5 +27,6 @@ from .validation import validate
 __all__ = [
     "PRECISIONS", "to_deepspeed_json", "zero_section", "config_from_dict", "load_config", "PhasePlan", "PhaseState",
     "reference_markdown", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedSection", "DiffusionConfig",
-    "EMAConfig", "ModelConfig", "MonitorConfig", "OptimConfig", "PhasesConfig", "RunConfig", "TrainConfig", "validate",
+    "EMAConfig", "EvalConfig", "ModelConfig", "MonitorConfig", "OptimConfig", "PhasesConfig", "RunConfig",
+    "TrainConfig", "validate",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -39,6 +39,10 @@ class RunConfig:
     stop_file: Optional[str] = None
     """While the run trains, creating this file makes it remove the file, finish the step, save a
     checkpoint and exit with status 5 (as SIGTERM / SIGUSR1 / Ctrl-C do); null: RUN_DIR/STOP."""
+    time_limit_s: Optional[float] = None
+    """A wall-time budget: after the first step whose training time (evaluation excluded, resumed
+    runs included) passes it, the run saves, evaluates and ends as if total_steps were reached
+    (the phase plan stays laid out over total_steps). null: no limit."""
 
     def run_dir(self) -> str:
         """Directory holding everything this run writes."""
@@ -115,6 +119,11 @@ class DataConfig:
     """Use the stored flipped latents half of the time."""
     epoch_samples: Optional[int] = None
     """Samples per (resampled) epoch; default: the dataset size."""
+    val_shards: Optional[str] = None
+    """Held-out data for eval's validation loss (a dataset directory, manifest or pattern, as shards)."""
+    val_fraction: float = 0.0
+    """Without val_shards: hold out this share of the shards (the last ones) from training for the
+    validation loss."""
 
 
 @dataclass
@@ -228,6 +237,49 @@ class DeepSpeedSection:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation inside the run, from the EMA weights, spread over the ranks (off by default)."""
+
+    every: int = 0
+    """Evaluate every this many steps, at the end of every unmask-tuning phase and at the end of the
+    run (0: never; then nothing here costs anything)."""
+    metrics: List[str] = field(default_factory=lambda: ["val_loss"])
+    """What to measure: val_loss (denoising error on held-out data at fixed noise levels), digits
+    (digits Frechet distance and class accuracy of the held-out classifier; digits data only), fid
+    (Inception FID against reference statistics)."""
+    num_images: int = 200
+    """Images generated per guidance scale for the sample metrics (digits, fid)."""
+    guidance_scales: List[float] = field(default_factory=lambda: [1.0])
+    """Classifier-free guidance scales to judge at; metrics at a scale g != 1 are named NAME@gG."""
+    sampler: str = "heun"
+    """Sampler for the evaluation images."""
+    steps: int = 18
+    """Sampling steps for the evaluation images."""
+    skip_cache: Optional[int] = None
+    """Skip-Cache interval for the evaluation images (models with skip branches; about halves the
+    cost at interval 2). null: full network at every step."""
+    batch_size: int = 50
+    """Images (and validation samples) per forward; work is dealt to ranks in whole batches, so a
+    result does not depend on the number of ranks."""
+    seed: int = 0
+    """Seed of the evaluation's noise: image i and validation sample j use the same noise in every
+    evaluation and on any number of ranks."""
+    val_samples: int = 256
+    """Held-out samples for the validation loss (data.val_shards or data.val_fraction)."""
+    val_sigmas: List[float] = field(default_factory=lambda: [0.02, 0.1, 0.3, 0.7, 1.5, 4.0, 15.0])
+    """Noise levels of the validation loss: E|D(x0 + sigma n) - x0|^2 per level, in x0 space so that
+    runs with different loss weightings compare."""
+    inception: Optional[str] = None
+    """FID Inception weights (pt_inception-2015-12-05-6726825d.pth); null: $MDT_INCEPTION_WEIGHTS."""
+    fid_reference: Optional[str] = None
+    """Reference statistics for FID: an .npz with mu / sigma (ADM's reference batches hold them) or
+    images (arr_0); null: statistics of fid_reference_images training samples decoded through the
+    dataset's VAE, computed once and cached beside the manifest."""
+    fid_reference_images: int = 10000
+    """Training samples behind the computed reference statistics."""
+
+
+@dataclass
 class TrainConfig:
     """A whole launch config; one section per concern."""
 
@@ -240,6 +292,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def accumulation_steps(self, world_size: int) -> int:
@@ -249,6 +302,16 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict (YAML / JSON safe)."""
         return plain(dataclasses.asdict(self))
+
+    def model_kwargs(self, latent_shape: Sequence[int], num_classes: int) -> Dict[str, Any]:
+        """Constructor arguments of the network: data-derived sizes, then model.options."""
+        channels, height, width = latent_shape
+        if height != width:
+            raise ValueError(f"latents must be square, the dataset's are {height}x{width}")
+        kwargs = dict(input_size=height, in_channels=channels, num_classes=num_classes, skip=self.model.skip,
+                      class_dropout_prob=self.model.class_dropout_prob)
+        kwargs.update(self.model.options)
+        return kwargs
 
     def phase_plan(self) -> PhasePlan:
         """The step -> (mask ratio, lr scale, phase) plan of this run."""

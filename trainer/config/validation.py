@@ -8,7 +8,7 @@ from typing import Collection, Dict
 from model_zoo.checkpointing import CHECKPOINT_MODES
 from model_zoo.registry import MODELS
 
-from ..diffusion import PRECONDITIONINGS, SIGMA_SAMPLERS, WEIGHTINGS
+from ..diffusion import PRECONDITIONINGS, SAMPLERS, SIGMA_SAMPLERS, WEIGHTINGS
 from .deepspeed_json import PRECISIONS
 from .phases import MASK_SCHEDULES
 from .schema import ConfigError, TrainConfig
@@ -20,9 +20,14 @@ CHOICES: Dict[str, Collection[str]] = {
     "diffusion.weighting": WEIGHTINGS,
     "phases.schedule": MASK_SCHEDULES,
     "deepspeed.precision": PRECISIONS,
+    "eval.sampler": SAMPLERS,
 }
 """Keys whose value names a registry entry, with that registry (the config reference lists them
 from here; model.name is checked against model_zoo.registry.MODELS on its own: 30 names)."""
+
+
+EVAL_METRICS = ("val_loss", "digits", "fid")
+"""eval.metrics: what the run's evaluator (trainer.training.evaluator) measures."""
 
 
 def _choices(names: Collection[str]) -> str:
@@ -75,3 +80,30 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _check(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1,
            "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
     _check(cfg.optim.lr > 0 and cfg.optim.warmup_steps >= 0, "optim.lr must be > 0 and optim.warmup_steps >= 0")
+    _check(cfg.run.time_limit_s is None or cfg.run.time_limit_s > 0,
+           f"run.time_limit_s must be > 0 (null: no limit), got {cfg.run.time_limit_s}")
+    _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: TrainConfig) -> None:
+    e = cfg.eval
+    _check(e.every >= 0, f"eval.every must be >= 0 (0: no evaluation), got {e.every}")
+    unknown = [m for m in e.metrics if m not in EVAL_METRICS]
+    _check(not unknown, f"eval.metrics: {unknown[0]!r} is not one of {_choices(EVAL_METRICS)}" if unknown else "")
+    _check(len(set(e.metrics)) == len(e.metrics), f"eval.metrics lists a metric twice: {e.metrics}")
+    _check(bool(e.guidance_scales) and all(g == g and abs(g) != float("inf") for g in e.guidance_scales),
+           f"eval.guidance_scales must be a non-empty list of finite numbers, got {e.guidance_scales}")
+    for key in ("num_images", "batch_size", "steps", "val_samples"):
+        value = getattr(e, key)
+        _check(value >= 1, f"eval.{key} must be >= 1, got {value}")
+    _check(e.num_images >= 2 or not ({"digits", "fid"} & set(e.metrics)),
+           f"eval.num_images must be >= 2 for Frechet distances, got {e.num_images}")
+    _check(e.skip_cache is None or (e.skip_cache >= 1 and cfg.model.skip),
+           "eval.skip_cache needs model.skip: true and an interval >= 1")
+    _check(bool(e.val_sigmas) and all(s > 0 for s in e.val_sigmas),
+           f"eval.val_sigmas must be a non-empty list of noise levels > 0, got {e.val_sigmas}")
+    if e.every and "val_loss" in e.metrics:
+        _check(bool(cfg.data.val_shards) or cfg.data.val_fraction > 0,
+               "eval.metrics has val_loss: set data.val_shards (held-out data) or data.val_fraction (a share of "
+               "the shards held out from training)")

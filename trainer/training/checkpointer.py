@@ -48,6 +48,10 @@ class RunState:
     step: int = 0
     images_seen: int = 0
     nonfinite_skipped: int = 0
+    train_flops: float = 0.0
+    """Training FLOPs spent so far, all ranks."""
+    train_seconds: float = 0.0
+    """Training wall time so far (evaluation and saves excluded)."""
 
 
 def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, record: CheckpointRecord,
@@ -200,6 +204,7 @@ class Checkpointer:
             print(f"warning: data-parallel replicas hold different weights at step {state.step}: {sums}", flush=True)
         record = CheckpointRecord(
             step=state.step, images_seen=state.images_seen, nonfinite_skipped=state.nonfinite_skipped,
+            train_flops=state.train_flops, train_seconds=state.train_seconds,
             world_size=self.world_size, model_name=self.cfg.model.name, model_kwargs=self.model_kwargs,
             config=self.cfg.to_dict(), dataset=self.dataset, ema_updates=self.ema.updates, replica_checksums=sums,
             phase_end=phase_end)
@@ -236,4 +241,5 @@ class Checkpointer:
             checked = " (weights match the saved checksums)" if want else ""
             print(f"resumed from {path} at step {record.step}{checked}, optimizer state: "
                   f"{optimizer_state_summary(self.engine.optimizer)}", flush=True)
-        return RunState(record.step, record.images_seen, record.nonfinite_skipped)
+        return RunState(record.step, record.images_seen, record.nonfinite_skipped, record.train_flops,
+                        record.train_seconds)

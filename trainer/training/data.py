@@ -23,7 +23,9 @@ leaves it off.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import random
 import signal
@@ -35,17 +37,16 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
 
 from data_tools.format import (
     CLS_FIELD,
     FLIP_FIELD,
     LATENT_FIELD,
-    MANIFEST_NAME,
     DataToolsError,
     FastArrayDecoder,
     Manifest,
     iter_tar_samples,
+    resolve_shards,
 )
 
 from ..config import ConfigError, DataConfig
@@ -90,6 +91,10 @@ class LoaderOptions:
     that recompute z from the shards. Off in training: the noise copy costs a batch of memory."""
     max_warnings: int = 20
     """Warnings logged per worker before they are only counted."""
+    holdout_fraction: float = 0.0
+    """Share of the shards (the last ones) held out from training for validation."""
+    split: str = "train"
+    """With holdout_fraction: 'train' reads the other shards, 'holdout' only the held-out ones."""
 
 
 class Draws(NamedTuple):
@@ -102,36 +107,21 @@ class Draws(NamedTuple):
     None when no noise was drawn (single-moment data or ``sample_posterior=False``)."""
 
 
-def resolve_shards(shards: str | list[str], manifest: str | None = None) -> tuple[list[str], Manifest]:
-    """Shard URLs and the manifest for a dataset directory, a manifest path, a brace pattern /
-    ``::``-joined list / ``pipe:`` URL, or a list of those."""
-    if isinstance(shards, str) and (shards.endswith(".json") or os.path.isdir(shards)):
-        path = os.path.join(shards, MANIFEST_NAME) if os.path.isdir(shards) else shards
-        man = Manifest.load(path)
-        root = os.path.dirname(path)
-        return [os.path.join(root, s.name) for s in man.shards], man
-    urls = [u for item in ([shards] if isinstance(shards, str) else shards) for u in expand_urls(item)]
-    if manifest is None and urls and os.path.isfile(urls[0]):
-        manifest = os.path.join(os.path.dirname(urls[0]), MANIFEST_NAME)
-    if manifest is None or (not os.path.exists(manifest) and "://" not in manifest
-                            and not manifest.startswith("pipe:")):
-        raise DataToolsError(f"no manifest for shards {str(shards)[:120]}: pass manifest=PATH "
-                             "(it gives latent shape, scaling factor and classes)")
-    return urls, Manifest.load(manifest)
-
-
 def check_shards(d: DataConfig) -> None:
-    """Before any process group starts: the configured shards resolve to a manifest and every local
-    shard exists; ConfigError naming data.shards otherwise."""
+    """Before any process group starts: the configured shards (and held-out shards) resolve to a
+    manifest and every local shard exists; ConfigError naming the key otherwise."""
     if not d.shards:
         raise ConfigError("data.shards is empty: point it at a directory made by `mdt-data encode`")
-    try:
-        urls, _ = resolve_shards(d.shards, d.manifest)
-    except (DataToolsError, OSError) as err:
-        raise ConfigError(f"data.shards: {err}") from None
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-    if missing:
-        raise ConfigError(f"data.shards: shard {missing[0]} does not exist")
+    for key, shards, manifest in (("data.shards", d.shards, d.manifest), ("data.val_shards", d.val_shards, None)):
+        if not shards:
+            continue
+        try:
+            urls, _ = resolve_shards(shards, manifest)
+        except (DataToolsError, OSError) as err:
+            raise ConfigError(f"{key}: {err}") from None
+        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        if missing:
+            raise ConfigError(f"{key}: shard {missing[0]} does not exist")
 
 
 class _ShardStream(IterableDataset):
@@ -390,10 +380,32 @@ class LatentLoader:
             yield from self
 
 
+def split_holdout(urls: list[str], fraction: float, split: str) -> list[str]:
+    """The shards of a split: the last ceil(fraction x N) shards are the held-out ones (at least one
+    when fraction > 0, and at least one left for training)."""
+    if split not in ("train", "holdout"):
+        raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
+    if fraction <= 0:
+        if split == "holdout":
+            raise ValueError("no held-out shards: set a holdout_fraction > 0")
+        return urls
+    held = min(len(urls) - 1, max(1, math.ceil(fraction * len(urls))))
+    if held < 1:
+        raise ValueError(f"{len(urls)} shard(s) cannot be split into training and held-out shards")
+    return urls[len(urls) - held:] if split == "holdout" else urls[:len(urls) - held]
+
+
 def build_latent_loader(shards: str | list[str], batch_size: int, rank: int = 0, world_size: int = 1,
                         **options: Any) -> LatentLoader:
     """The loader the trainer calls: ``shards`` is a dataset directory, manifest path, brace
     pattern, ``pipe:`` URL or list; ``options`` are LoaderOptions fields."""
     opts = LoaderOptions(batch_size=batch_size, **options)
     urls, manifest = resolve_shards(shards, opts.manifest)
+    if opts.holdout_fraction > 0:
+        kept = split_holdout(urls, opts.holdout_fraction, opts.split)
+        counts = {s.name: s.samples for s in manifest.shards}
+        names = [os.path.basename(u) for u in kept]
+        if opts.epoch_samples is None and all(n in counts for n in names):  # an epoch of the split's samples
+            opts = dataclasses.replace(opts, epoch_samples=sum(counts[n] for n in names))
+        urls = kept
     return LatentLoader(urls, manifest, rank, world_size, opts)

@@ -127,6 +127,12 @@ class Monitor:
                 f"ETA {eta}")
         print(line, flush=True, file=sys.stdout)
 
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Log one scalar to TensorBoard (rank 0), e.g. an evaluation's result."""
+        if self.rank == 0 and self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
         """Log a [3, H, W] image in [0, 1] to TensorBoard (rank 0)."""
         if self.rank == 0 and self.writer is not None:

@@ -6,7 +6,7 @@ forward path (hooks, ZeRO-3 parameter fetching) is the one used in training.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict
 
 import torch
 from torch import nn
@@ -15,17 +15,6 @@ from model_zoo.registry import build_model
 
 from ..config import TrainConfig
 from ..diffusion import LossOutput, LossWeighting, make_sigma_sampler, training_losses
-
-
-def model_kwargs(cfg: TrainConfig, latent_shape: Sequence[int], num_classes: int) -> Dict[str, Any]:
-    """Constructor arguments of the network: data-derived sizes, then config options."""
-    channels, height, width = latent_shape
-    if height != width:
-        raise ValueError(f"latents must be square, the dataset's are {height}x{width}")
-    kwargs = dict(input_size=height, in_channels=channels, num_classes=num_classes, skip=cfg.model.skip,
-                  class_dropout_prob=cfg.model.class_dropout_prob)
-    kwargs.update(cfg.model.options)
-    return kwargs
 
 
 def build_network(cfg: TrainConfig, kwargs: Dict[str, Any]) -> nn.Module:

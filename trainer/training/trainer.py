@@ -5,11 +5,11 @@ the plan and lets each component decide when it acts. Resume is rerunning the sa
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 
-from model_zoo.flops import model_flops
+from model_zoo.flops import FlopsPerImage
 from model_zoo.registry import build_model
 
 from ..checkpoints import is_universal
@@ -20,10 +20,11 @@ from .checkpointer import Checkpointer, RunState, resume_target
 from .data import LatentLoader, build_latent_loader
 from .ema import EMA
 from .engine import build_engine, deepspeed_config, seed_step
+from .evaluator import Evaluator, build_evaluator
 from .monitor import Monitor, measure_peak_flops
 from .previews import SampleGrids
 from .stop import RunStopped, StopFlag, StopRequested
-from .task import TrainingModule, build_network, model_kwargs
+from .task import TrainingModule, build_network
 
 
 def dataset_summary(loader: LatentLoader) -> dict:
@@ -31,20 +32,6 @@ def dataset_summary(loader: LatentLoader) -> dict:
     m = loader.manifest
     return {"latent_shape": list(m.spec.shape), "num_classes": m.num_classes, "scaling_factor": m.scaling_factor,
             "encoder": m.encoder, "resolution": m.resolution, "class_names": m.source.get("class_names")}
-
-
-class FlopsPerImage:
-    """Training FLOPs (forward + backward) per image at a mask ratio, counted once per ratio."""
-
-    def __init__(self, name: str, kwargs: dict):
-        self.name, self.kwargs = name, {k: v for k, v in kwargs.items() if k != "class_dropout_prob"}
-        self._cache: Dict[float, float] = {}
-
-    def __call__(self, mask_ratio: float) -> float:
-        key = round(mask_ratio, 2)
-        if key not in self._cache:
-            self._cache[key] = float(model_flops(self.name, 1, key, backward=True, **self.kwargs))
-        return self._cache[key]
 
 
 def _no_beat(what: str) -> None:
@@ -63,11 +50,12 @@ class Trainer:
         rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
         d = cfg.data
         beat("opening the data shards")
+        holdout = 0.0 if d.val_shards else d.val_fraction  # held-out shards stay out of training
         self.loader = build_latent_loader(d.shards, d.micro_batch_size, rank, world, num_workers=d.num_workers,
                                           seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer, hflip=d.hflip,
-                                          epoch_samples=d.epoch_samples, manifest=d.manifest)
+                                          epoch_samples=d.epoch_samples, manifest=d.manifest, holdout_fraction=holdout)
         latent_shape = tuple(self.loader.manifest.spec.shape)
-        kwargs = model_kwargs(cfg, latent_shape, self.loader.manifest.num_classes)
+        kwargs = cfg.model_kwargs(latent_shape, self.loader.manifest.num_classes)
         self.resume_from = resume_target(cfg, world)
         ds_config = deepspeed_config(cfg, world)
         if self.resume_from and is_universal(self.resume_from):
@@ -87,8 +75,10 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, self.engine, self.ema, self.loader, rank, world, kwargs,
                                          dataset_summary(self.loader))
         self.stop: StopFlag | None = None  # installed once training starts (after resume)
+        self.evaluator: Evaluator | None = None  # built after resume (it drops records of a lost attempt)
         self.state = RunState()
         self._bad_in_a_row = 0
+        self._mark = time.perf_counter()  # training time counts from here; saves and evaluations do not
 
     def train(self) -> RunState:
         """Run the plan from the latest checkpoint (or the start) to the end; returns the counters."""
@@ -98,27 +88,39 @@ class Trainer:
             # Signals count from here: during start-up and resume they end the process as usual.
             self.stop = StopFlag(cfg.run.stop_path())
             batches = self.loader.batches()
+            self._mark = time.perf_counter()
             while self.state.step < cfg.run.total_steps:
                 self.beat(f"step {self.state.step + 1}")
                 phase = self.plan.at(self.state.step)
-                stopping, data_wait = self._step(batches, phase)
-                self.state.step += 1
-                self.state.images_seen += cfg.data.batch_size
-                step = self.state.step
-                self.ema.step_done(step, self.engine.module.net, self.state.images_seen)
+                stopping, time_up, data_wait = self._step(batches, phase)
                 self._account(phase, data_wait)
-                if self.monitor.due(step):
+                step = self.state.step
+                last = step == cfg.run.total_steps or time_up
+                self.ema.step_done(step, self.engine.module.net, self.state.images_seen)
+                if self.monitor.due(step) or last:
                     self._log(phase)
-                if self.grids.due(step) and rank == 0:
+                if self.grids.due(step) and not last and rank == 0:
                     self.beat(f"the sample grid at step {step}")
                     self.grids.make(step)
-                if self.checkpointer.due(step, phase, stopping):
+                if self.checkpointer.due(step, phase, stopping or last):
                     self.beat(f"saving the checkpoint of step {step}")
                     self.checkpointer.save(self.state, phase.phase if phase.phase_end else None)
+                if self.evaluator.due(step, phase, last):
+                    self.beat(f"the evaluation at step {step}")
+                    self.evaluator.run(self.state, phase.phase, final=last)
+                self._mark = time.perf_counter()  # the save and the evaluation were not training
+                if time_up:
+                    if rank == 0:
+                        print(f"run.time_limit_s={cfg.run.time_limit_s:g} reached after {step} steps "
+                              f"({self.state.train_seconds:.0f}s of training)", flush=True)
+                    break
                 if stopping and step < cfg.run.total_steps:
                     why = f" ({self.stop.reason})" if self.stop.reason else ""
                     raise StopRequested(f"stop requested{why}: checkpoint saved at step {step}; rerun the same "
                                         "command to resume")
+            if self.state.step >= cfg.run.total_steps and self.evaluator.final_missing(self.state.step):
+                self.beat("the final evaluation")  # resumed at the end: the last attempt died before it
+                self.evaluator.run(self.state, self.plan.at(cfg.run.total_steps - 1).phase, final=True)
             if rank == 0:
                 self.beat("the final sample grid")
                 self.grids.make(self.state.step)
@@ -140,17 +142,21 @@ class Trainer:
         elif self.dist.rank == 0:
             self.monitor.text("config", f"```\n{self.cfg.to_dict()}\n```")
             self.monitor.text("phase_plan", f"```\n{self.plan.table()}\n```")
+        self.beat("preparing the evaluation")
+        self.evaluator = build_evaluator(self.cfg, self.dist, self.ema, self.loader, self.monitor, self.state.step)
 
     def _step(self, batches, phase: PhaseState):
         """One optimizer step of `accumulation` micro-steps; a micro-step whose loss is non-finite on
         any rank is skipped on every rank and retried with the next batch. Returns (stop requested,
-        seconds waited for data)."""
+        time limit reached (rank 0's clock decides for all), seconds waited for data)."""
         cfg, rank, world, device = self.cfg, self.dist.rank, self.dist.world_size, self.dist.device
         if rank == 0:
             self.stop.poll_file()
         for group in self.engine.optimizer.param_groups:
             group["lr"] = cfg.optim.lr * phase.lr_scale
-        micro, attempt, data_wait, stopping = 0, 0, 0.0, False
+        micro, attempt, data_wait, stopping, time_up = 0, 0, 0.0, False, False
+        limit = cfg.run.time_limit_s
+        over = bool(limit) and rank == 0 and self.state.train_seconds + time.perf_counter() - self._mark >= limit
         while micro < cfg.accumulation_steps(world):
             start = time.perf_counter()
             z, y = next(batches)
@@ -160,14 +166,14 @@ class Trainer:
             attempt += 1
             out = self.engine(z, y, phase.mask_ratio)
             loss = out.loss.mean()
-            flags = torch.stack([(~torch.isfinite(loss)).float(),
-                                 torch.tensor(float(self.stop.requested), device=device)])
+            flags = torch.cat([(~torch.isfinite(loss)).float().reshape(1),
+                               torch.tensor([float(self.stop.requested), float(over)], device=device)])
             if world > 1:
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            bad, stop_now = flags.tolist()
+            bad, stop_now, out_of_time = flags.tolist()
             # Acted on at the end of the step: the checkpoint then sits on a step boundary and the
             # data position excludes nothing the step drew, so the rerun continues exactly.
-            stopping = stopping or bool(stop_now)
+            stopping, time_up = stopping or bool(stop_now), time_up or bool(out_of_time)
             if bad:
                 self._skip_nonfinite()
                 continue
@@ -176,7 +182,7 @@ class Trainer:
             self.engine.step()
             self.monitor.record(out)
             micro += 1
-        return stopping, data_wait
+        return stopping, time_up, data_wait
 
     def _skip_nonfinite(self) -> None:
         self.state.nonfinite_skipped += 1
@@ -190,8 +196,18 @@ class Trainer:
                              "the data)")
 
     def _account(self, phase: PhaseState, data_wait: float) -> None:
-        per_rank = self.cfg.data.batch_size // self.dist.world_size
-        self.monitor.step_done(per_rank, self.flops(phase.mask_ratio) * per_rank, data_wait, self.loader.skipped)
+        """Count the finished step: images, training FLOPs and wall time (the run's own counters and
+        the monitor's window)."""
+        batch = self.cfg.data.batch_size
+        flops = self.flops(phase.mask_ratio) * batch
+        now = time.perf_counter()
+        self.state.step += 1
+        self.state.images_seen += batch
+        self.state.train_flops += flops
+        self.state.train_seconds += now - self._mark
+        self._mark = now
+        per_rank = batch // self.dist.world_size
+        self.monitor.step_done(per_rank, flops / self.dist.world_size, data_wait, self.loader.skipped)
 
     def _log(self, phase: PhaseState) -> None:
         norm = self.engine.get_global_grad_norm()
