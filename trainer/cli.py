@@ -7,6 +7,8 @@ starts (one-line errors, exit 2), call the package that does the work, report.
     mdt-universal runs/NAME/checkpoints/step00010000   # then resume on another number of ranks
     mdt-sample runs/NAME --per-class 10 --out samples/   (deepspeed ... --module trainer.sample ...)
     mdt-eval samples/samples.npz ref.npz --inception pt_inception-2015-12-05-6726825d.pth
+    mdt-eval --history runs/NAME                        # the run's in-loop evaluations as a table
+    mdt-study launch_configs/studies/digits.yaml         # variants x seeds under one budget -> study.md
 
 Exit statuses: 0 done, 2 bad input, 3 a training run stopped on a problem a rerun meets again,
 4 a stalled rank (the watchdog), 5 a training run stopped on request.
@@ -51,8 +53,8 @@ def _from_launcher(args: argparse.Namespace) -> None:
 def _train_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="mdt-train", description="Train a (masked) diffusion transformer with DeepSpeed.")
     p.add_argument("--config", help="YAML launch config (see launch_configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=5e-5 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set optim.lr=5e-5 run.name=x (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, the phase plan and the DeepSpeed JSON, then exit")
     p.add_argument("--reference", action="store_true", help="print every config key with its default and meaning")
@@ -285,7 +287,8 @@ def sample_main(argv: Optional[List[str]] = None) -> int:
 def _eval_parser(metrics: Collection[str]) -> argparse.ArgumentParser:
     p = OneLineParser(prog="mdt-eval", description="Frechet distances (Inception FID, digits FD) and digit accuracy "
                                                    "of a generated image set against a reference set.")
-    p.add_argument("generated", help="generated images: .npz (arr_0 images, arr_1 labels) or a directory of images")
+    p.add_argument("generated", nargs="?", default=None,
+                   help="generated images: .npz (arr_0 images, arr_1 labels) or a directory of images")
     p.add_argument("reference", nargs="?", default=None,
                    help="reference images: .npz (arr_0, or precomputed mu/sigma), a directory, or digits:train / "
                         "digits:heldout (default for the digits metrics: digits:train)")
@@ -297,15 +300,28 @@ def _eval_parser(metrics: Collection[str]) -> argparse.ArgumentParser:
                         "trained there on first use)")
     p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+    p.add_argument("--history", metavar="RUN_DIR", default=None,
+                   help="instead: print the table of a run's in-loop evaluations (RUN_DIR/metrics.jsonl)")
     return p
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
     """mdt-eval: print one `name: value` line per metric (and JSON with --json)."""
     from .evaluation.errors import EvalError  # noqa: PLC0415
+    from .evaluation.history import history_table, read_metrics  # noqa: PLC0415
     from .evaluation.metrics import METRICS, evaluate  # noqa: PLC0415
 
-    args = _eval_parser(METRICS).parse_args(argv)
+    parser = _eval_parser(METRICS)
+    args = parser.parse_args(argv)
+    if args.history:
+        try:
+            print(history_table(read_metrics(args.history)))
+        except EvalError as err:
+            print(f"mdt-eval: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.generated is None:
+        parser.error("give the generated images (or --history RUN_DIR)")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
         results = evaluate(args.generated, args.reference, metrics, args.inception, args.digits_classifier,
@@ -319,6 +335,28 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=1)
+    return 0
+
+
+# ----------------------------------------------------------------------------- mdt-study
+
+
+def study_main(argv: Optional[List[str]] = None) -> int:
+    """mdt-study: train every variant x seed of a study under one budget (resuming, skipping finished
+    runs), judge them post hoc, write study.md, study.png and study.json; errors are one line."""
+    p = OneLineParser(prog="mdt-study", description="Train the variants of a launch config under one budget, "
+                                                    "several seeds each, and compare them (study.md, study.png).")
+    p.add_argument("study", help="study YAML (its keys: trainer/evaluation/study_spec.py)")
+    p.add_argument("--dry-run", action="store_true", help="print each run's command, steps and state; launch nothing")
+    args = p.parse_args(argv)
+    from .evaluation.study import run_study  # noqa: PLC0415
+    from .evaluation.study_spec import StudyError  # noqa: PLC0415
+
+    try:
+        run_study(args.study, dry_run=args.dry_run)
+    except StudyError as err:
+        print(f"mdt-study: error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

@@ -1,0 +1,111 @@
+"""A study's post-hoc judgement of each finished run: images from the final checkpoint's EMA weights
+at each of the study's guidance scales, judged by the digits classifier (digits FD and accuracy),
+and the same with Skip-Cache on models with skip branches (sampling wall time with and without
+it). Results are cached in RUN_DIR/posthoc.json, one entry per scale, so a rerun of the study
+only does what is missing; a new checkpoint or other settings start the file over."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from data_tools.format import write_json_atomic
+
+from ..checkpoints import find_resume, read_record
+from ..config import ConfigError
+from ..sample.generate import SampleSettings, generate, make_labels
+from ..sample.loading import LoadedModel, SampleError, load_model
+from .digits import digits_accuracy, digits_fd
+from .study_budget import dataset_manifest
+from .study_spec import PlannedRun, Study, StudyError
+
+POSTHOC_FILE = "posthoc.json"
+SEED = 0
+"""Noise seed of every post-hoc judgement: each run and scale starts from the same noise."""
+
+
+def _why_no_judge(run: PlannedRun) -> Optional[str]:
+    """None when the run trained on the bundled digits, else why the digits judge does not apply."""
+    try:
+        spec = str(dataset_manifest(run.config).source.get("spec", ""))
+    except ConfigError as err:
+        return f"no post-hoc judgement: {err}"
+    if not spec.startswith("digits"):
+        return f"no post-hoc judgement: the data are {spec!r}, and only the digits have a judge here"
+    return None
+
+
+def _judge(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: SampleSettings,
+           device: torch.device) -> Dict[str, float]:
+    """Sample, then judge: digits FD and accuracy, and the sampling wall time (seconds)."""
+    result = generate(model, labels, out_dir, settings, device=device, png=False, progress=False)
+    with np.load(result.npz) as npz:
+        images = npz["arr_0"]
+    return {"digits_fd": digits_fd(images), "digits_acc": digits_accuracy(images, labels),
+            "seconds": result.seconds}
+
+
+def _warm_up(model: LoadedModel, labels: np.ndarray, out_dir: str, device: torch.device) -> None:
+    """A few images first, so that one-time costs do not land on the first timed judgement."""
+    generate(model, labels[:8], out_dir, SampleSettings(seed=SEED), device=device, png=False, progress=False)
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def posthoc(run: PlannedRun, study: Study, device: torch.device | str,
+            log: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
+    """The post-hoc judgement of a finished run, as cached in posthoc.json: {settings, note, guidance:
+    {scale: {digits_fd, digits_acc, seconds}}, skip_cache: {interval, guidance: {...}}}. Only what
+    the file lacks is sampled. None when the study asks for none (posthoc_images 0)."""
+    if study.posthoc_images == 0:
+        return None
+    checkpoint = find_resume(os.path.join(run.run_dir, "checkpoints"), "auto")
+    if checkpoint is None:
+        raise StudyError(f"run {run.name}: no complete checkpoint in {run.run_dir} to judge")
+    record = read_record(checkpoint)
+    settings = {"checkpoint": os.path.basename(checkpoint), "step": record.step, "images": study.posthoc_images,
+                "sampler": SampleSettings.sampler, "steps": SampleSettings().resolved_steps(), "seed": SEED}
+    path = os.path.join(run.run_dir, POSTHOC_FILE)
+    result: Dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+    if result.get("settings") != settings:
+        result = {"settings": settings, "guidance": {}}
+    not_digits = _why_no_judge(run)
+    result["note"] = not_digits
+    intervals = [None]
+    if study.skip_cache and not not_digits:
+        if record.model_kwargs.get("skip"):
+            if (result.get("skip_cache") or {}).get("interval") != study.skip_cache:
+                result["skip_cache"] = {"interval": study.skip_cache, "guidance": {}}
+            intervals.append(study.skip_cache)
+        else:
+            result["note"] = f"no Skip-Cache for {run.name}: its {record.model_name} has no skip branches"
+    # Each scale with and without Skip-Cache back to back: the pair is timed under the same load.
+    jobs = [] if not_digits else [(interval, g) for g in study.guidance for interval in intervals]
+    model, labels = None, None
+    for interval, scale in jobs:
+        table = result["skip_cache"]["guidance"] if interval else result["guidance"]
+        if f"{scale:g}" in table:
+            continue
+        out = os.path.join(run.run_dir, "posthoc", f"g{scale:g}" + (f"-skip{interval}" if interval else ""))
+        if model is None:
+            try:
+                model = load_model(checkpoint, "ema", device)
+            except SampleError as err:
+                raise StudyError(f"run {run.name}: {err}") from None
+            classes = int(model.dataset.get("num_classes") or model.model_kwargs["num_classes"])
+            labels = make_labels(list(range(classes)), num=study.posthoc_images)
+            _warm_up(model, labels, out + "-warmup", device)
+        log(f"post-hoc {run.name}: {study.posthoc_images} images at guidance {scale:g}"
+            + (f" with Skip-Cache interval {interval}" if interval else ""))
+        sampling = SampleSettings(guidance_scale=scale, skip_cache_interval=interval, seed=SEED)
+        table[f"{scale:g}"] = _judge(model, labels, out, sampling, device)
+        write_json_atomic(path, result)  # after every judgement: an interrupted study keeps what it did
+    write_json_atomic(path, result)
+    return result
