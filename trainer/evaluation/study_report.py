@@ -30,6 +30,27 @@ def _speedup(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _posthoc_lines(summary: Mapping[str, Any]) -> list:
+    """One table per post-hoc metric: a row per variant (and per variant with Skip-Cache), a column
+    per guidance scale, means over seeds."""
+    variants = [v for v in summary["variants"] if v.get("posthoc")]
+    if not variants:
+        return []
+    metrics = sorted({m for v in variants for t in v["posthoc"].values() for m in t})
+    scales = sorted({s for v in variants for t in v["posthoc"].values() for m in t.values() for s in m}, key=float)
+    lines = []
+    for metric in metrics:
+        lines += ["", f"### `{metric}` by guidance scale (post hoc, {summary.get('posthoc_images', '?')} images, "
+                  "mean over seeds)", "", "| variant | " + " | ".join(f"g = {s}" for s in scales) + " |",
+                  "|---|" + "---|" * len(scales)]
+        for v in variants:
+            for kind, label in (("full", v["name"]), ("skip_cache", f"{v['name']} + Skip-Cache")):
+                row = v["posthoc"].get(kind, {}).get(metric)
+                if row:
+                    lines.append(f"| {label} | " + " | ".join(_num(row.get(s)) for s in scales) + " |")
+    return lines
+
+
 def render_markdown(summary: Mapping[str, Any]) -> str:
     """study.md: the headline table, guidance and Skip-Cache, one row per run, and the plot."""
     q, way = summary["quality"], summary["direction"]
@@ -64,6 +85,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {v['name']} | {best} | {_num(g and g['best_scale'], '{:g}')} | {scales} "
                      f"| {_speedup(s and s['speedup'])} "
                      f"| {_num(s and s.get('digits_fd_change'), '{:+.3g}')} |")
+    lines += _posthoc_lines(summary)
     lines += ["", "## Runs", "", f"| variant | seed | final step | {q} final | steps to target | wall time to target |",
               "|---|---|---|---|---|---|"]
     for v in summary["variants"]:

@@ -160,6 +160,25 @@ def _skip_cache(posthoc: Sequence[Optional[Mapping[str, Any]]], scale: Optional[
     return out
 
 
+def _posthoc_table(posthoc: Sequence[Optional[Mapping[str, Any]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Every post-hoc metric by guidance scale, mean over the seeds that judged it:
+    {"full" | "skip_cache": {metric: {scale: mean}}}; a scale some seed lacks is left out."""
+    tables: Dict[str, Dict[str, Dict[str, float]]] = {}
+    judged = [p for p in posthoc if p]
+    if not judged or len(judged) != len(posthoc):
+        return tables
+    for kind, pick in (("full", lambda p: p.get("guidance") or {}),
+                       ("skip_cache", lambda p: (p.get("skip_cache") or {}).get("guidance") or {})):
+        per_seed = [pick(p) for p in judged]
+        scales = sorted(set.intersection(*(set(t) for t in per_seed)), key=float)
+        metrics = sorted({m for t in per_seed for s in scales for m in t[s] if m != "seconds"})
+        table = {m: {s: _mean([t[s][m] for t in per_seed]) for s in scales if all(m in t[s] for t in per_seed)}
+                 for m in metrics}
+        if any(table.values()):
+            tables[kind] = table
+    return tables
+
+
 def summarize(study: Mapping[str, Any], runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]],
               posthoc: Mapping[str, Mapping[int, Optional[Mapping[str, Any]]]]) -> Dict[str, Any]:
     """The study's numbers (study.json). study: name, quality, baseline, budget (a mapping) and
@@ -177,7 +196,8 @@ def summarize(study: Mapping[str, Any], runs: Mapping[str, Mapping[int, Sequence
         curve = curves[name]
         finals = [split_final([r for r in recs if quality in r.get("metrics", {})])[1] for recs in seeds.values()]
         if not curve:
-            variants.append({"name": name, "seeds": list(seeds), "final": None, "curve": [], "runs": []})
+            variants.append({"name": name, "seeds": list(seeds), "final": None, "curve": [], "runs": [],
+                             "posthoc": {}})
             continue
         need = first_reach(curve, target, way)
         per_seed = []
@@ -197,6 +217,7 @@ def summarize(study: Mapping[str, Any], runs: Mapping[str, Mapping[int, Sequence
             "guided": guided,
             "skip_cache": _skip_cache([posthoc.get(name, {}).get(s) for s in seeds],
                                       guided["best_scale"] if guided else None),
+            "posthoc": _posthoc_table([posthoc.get(name, {}).get(s) for s in seeds]),
             "curve": curve, "runs": per_seed,
         })
     return {**study, "direction": way, "target": target, "variants": variants}
