@@ -397,7 +397,7 @@ def test_report_numbers_equal_those_worked_out_by_hand(tmp_path):
     assert fast["posthoc"]["full"] == {"digits_acc": {"1": 0.9, "2": 0.9}, "digits_fd": {"1": 8.5, "2": 5.5}}
     assert fast["posthoc"]["skip_cache"]["digits_fd"] == {"1": 99.0, "2": 7.0}
     md = (tmp_path / "out" / "study.md").read_text()
-    assert "| fast + Skip-Cache | 99 | 7 |" in md and "| ref | 15.5 | 9.5 |" in md
+    assert "| fast + Skip-Cache | 99 | 7 |" in md and "| ref | 15.5 | 9.5 |" in md and "| fast | 90.0% | 90.0% |" in md
     assert "| ref (baseline) | 2 | 12 ± 2.8 | 30 | 480 | 3e+10 | 0:00:33 | 0.0183 | 1.00x | 1.00x |" in md
     assert "| fast | 2 | 7 ± 1.4 | 19 | 305 | 1.91e+10 | 0:00:11 | 0.00636 | 2.88x | 1.57x |" in md
     assert "| fast | 5.5 (digits_fd) | 2 | 1: 8.5, 2: 5.5 | 2.00x | +1.5 |" in md

@@ -46,8 +46,9 @@ def _posthoc_lines(summary: Mapping[str, Any]) -> list:
         for v in variants:
             for kind, label in (("full", v["name"]), ("skip_cache", f"{v['name']} + Skip-Cache")):
                 row = v["posthoc"].get(kind, {}).get(metric)
+                fmt = "{:.1%}" if metric.endswith("_acc") else "{:.4g}"  # accuracies as percentages
                 if row:
-                    lines.append(f"| {label} | " + " | ".join(_num(row.get(s)) for s in scales) + " |")
+                    lines.append(f"| {label} | " + " | ".join(_num(row.get(s), fmt) for s in scales) + " |")
     return lines
 
 
