@@ -4,6 +4,9 @@ MDT_TEST_NAN_CALLS makes the loss of chosen training forward calls on one rank n
 bad batch or an overflow would: a comma-separated list of 1-based call numbers, where `N+` means
 call N and every later one. MDT_TEST_NAN_RANK (default 1) names the rank. Nothing else changes, so
 whatever the run does with the bad loss is the trainer's own behaviour.
+
+MDT_TEST_RAISE_CALL=N makes training forward call N on rank MDT_TEST_RAISE_RANK (default 1) raise
+a RuntimeError, as an out-of-memory error or a bug would, while the data workers are alive.
 """
 
 from __future__ import annotations
@@ -41,7 +44,24 @@ def install_nan_losses(spec: str, rank: int) -> None:
     task.TrainingModule.forward = forward
 
 
+def install_raise(call: int, rank: int) -> None:
+    """Patch the training module's forward so that call number `call` on `rank` raises."""
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    original, calls = task.TrainingModule.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise RuntimeError(f"injected fault in forward call {call}")
+        return original(self, *args, **kwargs)
+
+    task.TrainingModule.forward = forward
+
+
 if __name__ == "__main__":
+    if os.environ.get("MDT_TEST_RAISE_CALL"):
+        install_raise(int(os.environ["MDT_TEST_RAISE_CALL"]), int(os.environ.get("MDT_TEST_RAISE_RANK", "1")))
     if os.environ.get("MDT_TEST_NAN_CALLS"):
         install_nan_losses(os.environ["MDT_TEST_NAN_CALLS"], int(os.environ.get("MDT_TEST_NAN_RANK", "1")))
     sys.exit(main())

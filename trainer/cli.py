@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Collection, List, NoReturn, Optional
 
 import yaml
@@ -114,7 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _train(cfg: TrainConfig) -> int:
     from .distributed import init_distributed, shutdown  # noqa: PLC0415
-    from .training.stop import RunStopped  # noqa: PLC0415
+    from .training.data import end_data_workers  # noqa: PLC0415
+    from .training.stop import FAILED, RunStopped  # noqa: PLC0415
     from .training.trainer import Trainer  # noqa: PLC0415
     from .training.watchdog import StallWatchdog  # noqa: PLC0415
 
@@ -131,7 +133,16 @@ def _train(cfg: TrainConfig) -> int:
         if info.rank == 0:
             print(f"mdt-train: stopped: {err}", file=sys.stderr, flush=True)
         code = err.exit_code
+    except Exception as err:  # noqa: BLE001 - any other failure: its cause in one line, and out now
+        traceback.print_exc()
+        code = FAILED
+        print(f"mdt-train: rank {info.rank} failed in {watchdog.doing}: {type(err).__name__}: {err} "
+              f"(status {FAILED}; the traceback is above)", file=sys.stderr, flush=True)
     finally:
+        # Data workers ignore SIGTERM (they must outlive a stop request until the save): end them
+        # here, or the interpreter's exit would wait on them forever.
+        watchdog.beat("ending the data workers")
+        end_data_workers()
         watchdog.beat("shutting down the process group")
         shutdown()
         watchdog.stop()

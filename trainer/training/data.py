@@ -23,12 +23,16 @@ leaves it off.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
+import multiprocessing
 import os
 import random
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
@@ -272,12 +276,41 @@ class _ShardStream(IterableDataset):
         return out
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
     """DataLoader workers ignore stop signals sent to the whole process group (Ctrl-C, scancel, the
-    launcher's SIGTERM): the rank finishes its step and saves first, which needs its workers alive;
-    they exit by themselves when the rank does."""
+    launcher's SIGTERM): the rank finishes its step and saves first, which needs its workers alive.
+    Because they ignore SIGTERM, nothing but their rank may end them: on Linux the kernel kills
+    them when the rank dies, however it dies (a parent-death signal), and a rank on its way out
+    ends them itself (`end_data_workers`)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no prctl: the rank's own clean-up still ends them
+            pass
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # the rank died before the line above
+            os._exit(1)
+
+
+def end_data_workers(grace_s: float = 5.0) -> int:
+    """End this process's data workers (they ignore SIGTERM, see above): wait up to `grace_s` for
+    those already told to stop, then SIGKILL the rest. Call after the loaders' iterators are
+    closed, on a rank's way out, so that its exit never waits on a worker. Returns how many had to
+    be killed."""
+    children = multiprocessing.active_children()  # joins (reaps) the finished ones, too
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    killed = [c for c in children if c.is_alive()]
+    for child in killed:
+        child.kill()
+        child.join(grace_s)
+    return len(killed)
 
 
 class LatentLoader:

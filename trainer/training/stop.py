@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import signal
 
+FAILED = 6
+"""Exit status of a rank that failed on an exception of any other kind (a bug, out of memory, a
+collective that raised): the cause is the last line on stderr, after the traceback."""
+
 
 class RunStopped(RuntimeError):
     """The run stopped on a problem a rerun would meet again (non-finite losses, a checkpoint that

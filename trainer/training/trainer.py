@@ -83,6 +83,7 @@ class Trainer:
     def train(self) -> RunState:
         """Run the plan from the latest checkpoint (or the start) to the end; returns the counters."""
         cfg, rank = self.cfg, self.dist.rank
+        batches = None
         try:
             self._start()
             # Signals count from here: during start-up and resume they end the process as usual.
@@ -125,6 +126,10 @@ class Trainer:
                 self.beat("the final sample grid")
                 self.grids.make(self.state.step)
         finally:
+            if batches is not None:
+                # Now, not when an exception's traceback lets go of it: closing the stream tells
+                # its data workers to stop.
+                batches.close()
             self.monitor.close()
             self._release_engine()
         return self.state

@@ -63,6 +63,11 @@ class StallWatchdog:
             self._arm_backstop()
         return self
 
+    @property
+    def doing(self) -> str:
+        """What the rank said it was doing at its last beat (e.g. "step 12")."""
+        return self._what
+
     def beat(self, what: str) -> None:
         """Record progress; `what` is the work that comes next (shown if it stalls)."""
         self._what = what

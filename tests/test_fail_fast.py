@@ -1,0 +1,67 @@
+"""A rank that fails ends at once: an exception in the training loop while data workers are alive
+ends the rank, its workers included, with status 6 and the cause in one line; the launcher then
+ends the other rank. Before, the rank hung in multiprocessing's exit handler joining a worker that
+ignored SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from launcher import deepspeed_command, env, free_port, kill_group, tiny_config, write_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _processes_naming(marker: str) -> list[int]:
+    """PIDs of live processes whose command line contains `marker` (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find leftover processes")
+def test_an_exception_in_the_loop_ends_the_rank_and_its_workers(digits8, tmp_path):
+    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 40},
+                      data={"num_workers": 2, "shards": digits8, "batch_size": 16, "micro_batch_size": 8,
+                            "shuffle_buffer": 50})
+    config = write_config(cfg, tmp_path / "failing.yaml")
+    cmd = deepspeed_command(config, free_port(), module="fault_injection")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(MDT_TEST_RAISE_CALL="9", MDT_TEST_RAISE_RANK="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # a hang is the failure this test exists for: it would sit here until the timeout
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"the failed run did not end: {err[-3000:]}")
+    assert proc.returncode != 0, out[-2000:] + err[-2000:]
+    # the failing rank names itself, the step and the cause in one line, and exits with status 6
+    lines = [line for line in (out + err).splitlines() if line.startswith("mdt-train: rank 1 failed")]
+    assert lines == ["mdt-train: rank 1 failed in step 9: RuntimeError: injected fault in forward call 9 "
+                     "(status 6; the traceback is above)"], (out + err)[-4000:]
+    assert "exits with return code = 6" in out + err, (out + err)[-3000:]  # the launcher saw it
+    # nothing of the run is left: not the ranks, not their data workers
+    deadline = time.monotonic() + 10
+    while _processes_naming(str(config)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = _processes_naming(str(config))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the failed run still alive: {left}"
