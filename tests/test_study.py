@@ -405,3 +405,16 @@ def test_report_numbers_equal_those_worked_out_by_hand(tmp_path):
     png = (tmp_path / "out" / "study.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1200, 450)
     assert len(png) > 20000  # curves, bands and labels, not an empty canvas
+
+
+@pytest.mark.parametrize("name", ["digits", "digits_equal_time"])
+def test_the_shipped_studies_plan(name):
+    # every run's config of the shipped studies loads and validates for 2 ranks (no data needed)
+    study = load_study(str(Path(__file__).parents[1] / "launch_configs" / "studies" / f"{name}.yaml"))
+    runs = plan_runs(study)
+    images = study.budget["images"]
+    assert all(run.steps * run.config.data.batch_size == images for run in runs)
+    assert study.baseline in {run.variant for run in runs}
+    if name == "digits":  # two seeds for the headline: the baseline and the masked recipe
+        seeds = {v: [r.seed for r in runs if r.variant == v] for v in ("dit_edm", "mask_final")}
+        assert seeds == {"dit_edm": [0, 1], "mask_final": [0, 1]}
