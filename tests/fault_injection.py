@@ -7,12 +7,18 @@ whatever the run does with the bad loss is the trainer's own behaviour.
 
 MDT_TEST_RAISE_CALL=N makes training forward call N on rank MDT_TEST_RAISE_RANK (default 1) raise
 a RuntimeError, as an out-of-memory error or a bug would, while the data workers are alive.
+
+MDT_TEST_SAVE_ENOSPC=N makes the N-th checkpoint save fail on every rank as a full disk would:
+DeepSpeed's writer raises OSError(ENOSPC) after writing part of the checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+
+from deepspeed import DeepSpeedEngine
 
 from trainer.cli import main
 from trainer.training import task
@@ -59,7 +65,25 @@ def install_raise(call: int, rank: int) -> None:
     task.TrainingModule.forward = forward
 
 
+def install_full_disk(save: int) -> None:
+    """Patch DeepSpeed's checkpoint writer so that save number `save` fails with ENOSPC midway."""
+    original, calls = DeepSpeedEngine.save_checkpoint, [0]
+
+    def save_checkpoint(self, root, tag=None, **kwargs):
+        calls[0] += 1
+        if calls[0] == save:
+            os.makedirs(os.path.join(root, tag), exist_ok=True)
+            with open(os.path.join(root, tag, "partial.pt"), "wb") as f:
+                f.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, root, tag=tag, **kwargs)
+
+    DeepSpeedEngine.save_checkpoint = save_checkpoint
+
+
 if __name__ == "__main__":
+    if os.environ.get("MDT_TEST_SAVE_ENOSPC"):
+        install_full_disk(int(os.environ["MDT_TEST_SAVE_ENOSPC"]))
     if os.environ.get("MDT_TEST_RAISE_CALL"):
         install_raise(int(os.environ["MDT_TEST_RAISE_CALL"]), int(os.environ.get("MDT_TEST_RAISE_RANK", "1")))
     if os.environ.get("MDT_TEST_NAN_CALLS"):

@@ -130,8 +130,9 @@ def _train(cfg: TrainConfig) -> int:
         if info.rank == 0:
             print(f"done: {state.step} steps, {state.images_seen} images; run dir {cfg.run.run_dir()}", flush=True)
     except RunStopped as err:
-        if info.rank == 0:
-            print(f"mdt-train: stopped: {err}", file=sys.stderr, flush=True)
+        if info.rank == 0 or err.every_rank:
+            who = f"rank {info.rank} " if err.every_rank else ""
+            print(f"mdt-train: {who}stopped: {err}", file=sys.stderr, flush=True)
         code = err.exit_code
     except Exception as err:  # noqa: BLE001 - any other failure: its cause in one line, and out now
         traceback.print_exc()

@@ -5,6 +5,7 @@ world size)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -54,12 +55,77 @@ class RunState:
     """Training wall time so far (evaluation and saves excluded)."""
 
 
+FREE_SPACE_MARGIN = 1.5
+"""Warn before a save when the checkpoint disk has less free space than this many times the size
+of the last checkpoint (the new one is written before rotation removes an old one)."""
+
+_NEARLY_FULL = 1 << 20  # bytes: a disk with less free space than this counts as full
+
+
+class SaveFailed(RunStopped):
+    """A checkpoint could not be written because of its storage (full, over quota, read-only,
+    gone); the half-written checkpoint was removed where possible and `latest` still names the last
+    complete one. Exit status 3, like every stop that a rerun would meet again."""
+
+    every_rank = True  # a node's own disk may fail it alone
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+def checkpoint_bytes(path: str) -> int:
+    """The size of a checkpoint directory's files (for the free-space check)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def storage_problem(err: BaseException, root: str, last_bytes: Optional[int] = None) -> Optional[str]:
+    """Why a save into `root` failed when its storage is the cause (full, over quota, read-only or
+    vanished), in words for one line; None when storage looks fine (then the error is something
+    else). Torch's writers report a full disk as RuntimeErrors without an errno, so free space
+    decides there."""
+    code = getattr(err, "errno", None)
+    said = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    if not os.path.isdir(root):
+        return f"the checkpoint directory {root} is gone ({said})"
+    try:
+        free: Optional[int] = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    last = f", the last checkpoint took {_mib(last_bytes)}" if last_bytes else ""
+    full = free is not None and (free < _NEARLY_FULL or (last_bytes is not None and free < last_bytes))
+    if code in (errno.ENOSPC, errno.EDQUOT) or full:
+        what = "over its quota" if code == errno.EDQUOT else "full"
+        space = f"{_mib(free)} free" if free is not None else "free space unknown"
+        return f"the disk of {root} is {what}: {space}{last} ({said})"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or not os.access(root, os.W_OK):
+        return f"{root} is read-only or not writable ({said})"
+    return None
+
+
+def low_space_warning(root: str, last_bytes: Optional[int], margin: float = FREE_SPACE_MARGIN) -> Optional[str]:
+    """A warning when `root`'s disk has less than margin x the last checkpoint's size free."""
+    if not last_bytes:
+        return None
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    if free >= margin * last_bytes:
+        return None
+    return (f"warning: {_mib(free)} free on the disk of {root}, the last checkpoint took {_mib(last_bytes)}: "
+            "the next save may not fit (this warning is given once)")
+
+
 def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, record: CheckpointRecord,
-                    data_state: Dict[str, Any], rank: int, sync: Callable[[], None] = barrier) -> str:
+                    data_state: Dict[str, Any], rank: int, sync: Callable[[], None] = barrier,
+                    last_bytes: Optional[int] = None) -> str:
     """Write a checkpoint; must be called on every rank. Returns the checkpoint directory.
 
     Order: DeepSpeed's shards and each rank's data position, then (rank 0) the EMA and the record,
-    then COMPLETE and `latest`: a checkpoint without COMPLETE is never resumed from.
+    then COMPLETE and `latest`: a checkpoint without COMPLETE is never resumed from. A write that
+    fails for want of storage raises SaveFailed naming the directory, the OS error and (full disk)
+    the free space and `last_bytes`, the last checkpoint's size, after removing the partial tag.
     """
     path = os.path.join(root, tag)
     if rank == 0:
@@ -68,12 +134,20 @@ def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, reco
         for stale in (path + UNIVERSAL_SUFFIX, path + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX):
             shutil.rmtree(stale, ignore_errors=True)  # made from the old <tag>, no longer its state
     sync()
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    os.makedirs(path, exist_ok=True)
-    write_text_atomic(os.path.join(path, f"data_rank{rank}.json"), json.dumps(data_state))
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(path, EMA_FILE))
-        write_record(path, record)
+    try:
+        engine.save_checkpoint(root, tag=tag, save_latest=False)
+        os.makedirs(path, exist_ok=True)
+        write_text_atomic(os.path.join(path, f"data_rank{rank}.json"), json.dumps(data_state))
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(path, EMA_FILE))
+            write_record(path, record)
+    except (OSError, RuntimeError) as err:
+        why = storage_problem(err, root, last_bytes)
+        if why is None:
+            raise
+        shutil.rmtree(path, ignore_errors=True)  # never COMPLETE: removing it frees the space it took
+        raise SaveFailed(f"saving checkpoint {path} failed: {why}; `latest` still names the last complete "
+                         "checkpoint: make room and rerun the same command to resume from it") from None
     sync()
     if rank == 0:
         write_text_atomic(os.path.join(path, COMPLETE), "")
@@ -190,6 +264,8 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.model_kwargs, self.dataset = model_kwargs, dataset
         self.root = os.path.join(cfg.run.run_dir(), "checkpoints")
+        self.last_bytes: Optional[int] = None  # the last checkpoint's size (rank 0), for the free-space check
+        self._warned_space = False
 
     def due(self, step: int, phase: PhaseState, stopping: bool) -> bool:
         """Whether to save after the step just finished (1-based): every checkpoint.every steps, at
@@ -208,9 +284,15 @@ class Checkpointer:
             world_size=self.world_size, model_name=self.cfg.model.name, model_kwargs=self.model_kwargs,
             config=self.cfg.to_dict(), dataset=self.dataset, ema_updates=self.ema.updates, replica_checksums=sums,
             phase_end=phase_end)
+        if self.rank == 0 and not self._warned_space:
+            warning = low_space_warning(self.root, self.last_bytes)
+            if warning:
+                print(warning, flush=True)
+                self._warned_space = True
         path = save_checkpoint(self.engine, self.ema, self.root, make_tag(state.step, phase_end), record,
-                               self.loader.state_dict(), self.rank)
+                               self.loader.state_dict(), self.rank, last_bytes=self.last_bytes)
         if self.rank == 0:
+            self.last_bytes = checkpoint_bytes(path)
             rotate(self.root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_phase_ends)
             print(f"saved checkpoint {path}", flush=True)
         return path
@@ -238,6 +320,7 @@ class Checkpointer:
         if data:
             self.loader.load_state_dict(data)
         if self.rank == 0:
+            self.last_bytes = checkpoint_bytes(path)
             checked = " (weights match the saved checksums)" if want else ""
             print(f"resumed from {path} at step {record.step}{checked}, optimizer state: "
                   f"{optimizer_state_summary(self.engine.optimizer)}", flush=True)

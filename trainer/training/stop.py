@@ -16,6 +16,8 @@ class RunStopped(RuntimeError):
     does not load); the message says why. Exit status 3."""
 
     exit_code = 3
+    every_rank = False
+    """Whether each rank reports it (a problem a rank may meet alone), not rank 0 for all."""
 
 
 class StopRequested(RunStopped):
