@@ -46,7 +46,7 @@ def test_an_exception_in_the_loop_ends_the_rank_and_its_workers(digits8, tmp_pat
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         # a hang is the failure this test exists for: it would sit here until the timeout
-        out, err = proc.communicate(timeout=150)
+        out, err = proc.communicate(timeout=120)  # start-up, 9 steps and the exit: about 20 s here
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
