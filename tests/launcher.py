@@ -51,7 +51,7 @@ def write_config(cfg: Dict, path: Path) -> Path:
 
 def env(**extra: str) -> Dict[str, str]:
     """The ranks' environment: one thread each, unbuffered, the project and tests/ importable
-    (tests/fault_injection.py runs as a rank's module); `extra` adds variables."""
+    (tests/eval_on_ranks.py runs as a rank's module); `extra` adds variables."""
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     e.update(extra)

@@ -1,7 +1,8 @@
 """A rank that fails ends at once: an exception in the training loop while data workers are alive
 ends the rank, its workers included, with status 6 and the cause in one line; the launcher then
 ends the other rank. Before, the rank hung in multiprocessing's exit handler joining a worker that
-ignored SIGTERM."""
+ignored SIGTERM. A rank that hangs is ended by the stall watchdog (status 4). Both failures are
+made on purpose with MDT_FAULTS, as a user rehearsing a cluster's failure handling would."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import time
 
 import pytest
 
-from launcher import deepspeed_command, env, free_port, kill_group, tiny_config, write_config
+from trainer.checkpoints import COMPLETE, LATEST, make_tag
+
+from launcher import deepspeed_command, env, free_port, kill_group, run, tiny_config, write_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,8 +44,8 @@ def test_an_exception_in_the_loop_ends_the_rank_and_its_workers(digits8, tmp_pat
                       data={"num_workers": 2, "shards": digits8, "batch_size": 16, "micro_batch_size": 8,
                             "shuffle_buffer": 50})
     config = write_config(cfg, tmp_path / "failing.yaml")
-    cmd = deepspeed_command(config, free_port(), module="fault_injection")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(MDT_TEST_RAISE_CALL="9", MDT_TEST_RAISE_RANK="1"),
+    cmd = deepspeed_command(config, free_port())
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(MDT_FAULTS="raise:call=9:rank=1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         # a hang is the failure this test exists for: it would sit here until the timeout
@@ -54,8 +57,9 @@ def test_an_exception_in_the_loop_ends_the_rank_and_its_workers(digits8, tmp_pat
     assert proc.returncode != 0, out[-2000:] + err[-2000:]
     # the failing rank names itself, the step and the cause in one line, and exits with status 6
     lines = [line for line in (out + err).splitlines() if line.startswith("mdt-train: rank 1 failed")]
-    assert lines == ["mdt-train: rank 1 failed in step 9: RuntimeError: injected fault in forward call 9 "
-                     "(status 6; the traceback is above)"], (out + err)[-4000:]
+    assert lines == ["mdt-train: rank 1 failed in step 9: RuntimeError: injected fault (MDT_FAULTS) in forward "
+                     "call 9 (status 6; the traceback is above)"], (out + err)[-4000:]
+    assert "rank 1: MDT_FAULTS armed: raise at call 9 on rank 1" in out
     assert "exits with return code = 6" in out + err, (out + err)[-3000:]  # the launcher saw it
     # nothing of the run is left: not the ranks, not their data workers
     deadline = time.monotonic() + 10
@@ -65,3 +69,17 @@ def test_an_exception_in_the_loop_ends_the_rank_and_its_workers(digits8, tmp_pat
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes of the failed run still alive: {left}"
+
+
+def test_a_rank_hung_by_mdt_faults_is_ended_by_the_watchdog(digits8, tmp_path):
+    # rank 1 never returns from step 25's forward: the stall watchdog ends the job with status 4
+    # and the checkpoint of step 20 is the newest complete one
+    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 40, "stall_timeout_s": 20})
+    config = write_config(cfg, tmp_path / "hang.yaml")
+    proc = run(deepspeed_command(config, free_port()), tmp_path, timeout=200,
+               extra_env={"MDT_FAULTS": "hang:call=25:rank=1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-3000:]
+    assert "rank 1 made no progress" in out and "(stuck in: step 25)" in out, out[-3000:]
+    root = tmp_path / "runs" / "t" / "checkpoints"
+    assert (root / LATEST).read_text() == make_tag(20) and (root / make_tag(20) / COMPLETE).exists()

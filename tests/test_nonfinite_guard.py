@@ -25,8 +25,7 @@ def test_nan_on_one_rank_is_skipped_on_both_and_a_run_of_them_exits_3(digits8, t
     config = write_config(cfg, tmp_path / "c.yaml")
     # one accumulation step per optimizer step: forward call 7 is step 7's first try (retried with
     # call 8); from call 25 (step 24, after that one retry) every call is bad
-    proc = run(deepspeed_command(config, free_port(), module="fault_injection"), tmp_path,
-               extra_env={"MDT_TEST_NAN_CALLS": "7,25+", "MDT_TEST_NAN_RANK": "1"})
+    proc = run(deepspeed_command(config, free_port()), tmp_path, extra_env={"MDT_FAULTS": "nan:calls=7,25+:rank=1"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-4000:]
     assert "warning: non-finite loss in step 7 (skipped, 1 in a row)" in proc.stdout

@@ -120,8 +120,8 @@ def test_a_run_whose_disk_fills_during_a_save_exits_3_and_resumes(digits8, tmp_p
     cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 30},
                       checkpoint={"every": 10, "keep_last": 5})
     config = write_config(cfg, tmp_path / "c.yaml")
-    proc = run(deepspeed_command(config, free_port(), module="fault_injection"), tmp_path,
-               extra_env={"MDT_TEST_SAVE_ENOSPC": "2"})  # the save at step 20 fails on both ranks
+    proc = run(deepspeed_command(config, free_port()), tmp_path,
+               extra_env={"MDT_FAULTS": "enospc:save=2"})  # the save at step 20 fails on both ranks
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-4000:]
     root = tmp_path / "runs" / "t" / "checkpoints"

@@ -105,9 +105,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(dry_run(cfg, world))
             return 0
         from .training.data import check_shards  # noqa: PLC0415
+        from .training.faults import ENV, FaultSpecError, parse_faults  # noqa: PLC0415
 
         check_shards(cfg.data)
-    except ConfigError as err:
+        parse_faults(os.environ.get(ENV, ""))
+    except (ConfigError, FaultSpecError) as err:
         print(f"mdt-train: error: {err}", file=sys.stderr)
         return 2
     return _train(cfg)
@@ -116,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _train(cfg: TrainConfig) -> int:
     from .distributed import init_distributed, shutdown  # noqa: PLC0415
     from .training.data import end_data_workers  # noqa: PLC0415
+    from .training.faults import arm_faults  # noqa: PLC0415
     from .training.stop import FAILED, RunStopped  # noqa: PLC0415
     from .training.trainer import Trainer  # noqa: PLC0415
     from .training.watchdog import StallWatchdog  # noqa: PLC0415
@@ -126,6 +129,7 @@ def _train(cfg: TrainConfig) -> int:
     info = init_distributed()
     code = 0
     try:
+        arm_faults(info.rank)  # MDT_FAULTS: failures on purpose, for rehearsals and tests
         state = Trainer(cfg, info, watchdog.beat).train()
         if info.rank == 0:
             print(f"done: {state.step} steps, {state.images_seen} images; run dir {cfg.run.run_dir()}", flush=True)
