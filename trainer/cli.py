@@ -105,11 +105,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(dry_run(cfg, world))
             return 0
         from .training.data import check_shards  # noqa: PLC0415
-        from .training.faults import ENV, FaultSpecError, parse_faults  # noqa: PLC0415
 
         check_shards(cfg.data)
+    except ConfigError as err:
+        print(f"mdt-train: error: {err}", file=sys.stderr)
+        return 2
+    from .training.faults import ENV, FaultSpecError, parse_faults  # noqa: PLC0415
+
+    try:
         parse_faults(os.environ.get(ENV, ""))
-    except (ConfigError, FaultSpecError) as err:
+    except FaultSpecError as err:
         print(f"mdt-train: error: {err}", file=sys.stderr)
         return 2
     return _train(cfg)
