@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from trainer.checkpoints import COMPLETE, LATEST, make_tag
@@ -21,24 +22,14 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _processes_naming(marker: str) -> list[int]:
-    """PIDs of live processes whose command line contains `marker` (Linux /proc)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmdline and state != "Z":
-            pids.append(int(entry))
-    return pids
+    """PIDs of live (not zombie) processes whose command line contains `marker`."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(p.info["cmdline"] or []):
+            found.append(p.pid)
+    return found
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find leftover processes")
 def test_an_exception_in_the_loop_ends_the_rank_and_its_workers(digits8, tmp_path):
     cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 40},
                       data={"num_workers": 2, "shards": digits8, "batch_size": 16, "micro_batch_size": 8,

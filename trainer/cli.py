@@ -11,7 +11,8 @@ starts (one-line errors, exit 2), call the package that does the work, report.
     mdt-study launch_configs/studies/digits.yaml         # variants x seeds under one budget -> study.md
 
 Exit statuses: 0 done, 2 bad input, 3 a training run stopped on a problem a rerun meets again,
-4 a stalled rank (the watchdog), 5 a training run stopped on request.
+4 a stalled rank (the watchdog), 5 a training run stopped on request, 6 a rank that failed on any
+other exception (its cause in one line after the traceback).
 """
 
 from __future__ import annotations
