@@ -16,6 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.checkpoints import find_resume, read_record
+from trainer.training.evaluator import keep_records_through
+from trainer.training.stop import RunStopped
 
 from launcher import ROOT, free_port, losses, run, tiny_config, write_config
 
@@ -175,3 +177,16 @@ def test_sample_grids_of_vae_latents_are_decoded_images(vae_digits8, tmp_path):
     assert image.shape == (2 * 17 + 1, 2 * 17 + 1, 3)
     raw = decode_latents(torch.randn(4, 4, 8, 8), man.scaling_factor, man.encoder)  # no VAE: latent channels
     assert raw.shape[-1] == 8  # what a grid of raw latents would have been
+
+
+def test_resume_keeps_the_records_through_its_step_and_drops_a_cut_line(tmp_path):
+    # a crash while appending leaves half a line: resuming at step 10 must not trip over it
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "metrics": {"val_loss": 0.5}}\n{"step": 10, "metrics": {"val_loss": 0.4}}\n'
+                    '{"step": 15, "metrics": {"val_loss": 0.3}}\n{"step": 20, "metr')
+    keep_records_through(str(path), 10)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10]
+    keep_records_through(str(tmp_path / "absent.jsonl"), 10)  # no file yet: nothing to do
+    path.write_text('{"step": 5}\nnot json\n{"step": 10}\n')
+    with pytest.raises(RunStopped, match=f"{path}:2: not an evaluation record"):
+        keep_records_through(str(path), 10)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_tools.format import Manifest, manifest_location, resolve_shards
+from data_tools.format import Manifest, manifest_location, resolve_shards, write_text_atomic
 from data_tools.vae import load_autoencoder
 from model_zoo.inception import load_fid_inception
 
@@ -100,7 +100,7 @@ class Evaluator:
         if "val_loss" in e.metrics and val is not None:
             self.val = first_samples(val[0], val[1], e.val_samples, e.batch_size)
         if dist_info.rank == 0:
-            self._drop_records_after(resumed_step)
+            keep_records_through(self.path, resumed_step)
 
     # ------------------------------------------------------------------------- when and what
 
@@ -170,17 +170,6 @@ class Evaluator:
         print(f"eval step {state.step}: {shown} ({seconds:.1f}s, evaluation {share:.0%} of the wall time)",
               flush=True)
 
-    def _drop_records_after(self, step: int) -> None:
-        """A resumed run evaluates again from its checkpoint: records of a lost attempt go."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
-
     # ------------------------------------------------------------------------- inputs
 
     def _decoder(self) -> Optional[nn.Module]:
@@ -229,6 +218,20 @@ class Evaluator:
                 print(f"warning: cannot cache the FID reference statistics at {path} ({err}); they are "
                       "recomputed at every start", flush=True)
         return mu, sigma
+
+
+def keep_records_through(path: str, step: int) -> None:
+    """A resumed run evaluates again from its checkpoint at `step`: records of a lost attempt go
+    from metrics.jsonl, and so does a last line cut short by a crash (RunStopped names any other
+    bad line)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        try:
+            records = parse_metrics(f.read(), path)
+        except ValueError as err:
+            raise RunStopped(str(err)) from None
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
 def reference_stats_path(manifest_dir: str, manifest: Manifest, count: int, weights: Optional[str]) -> str:
