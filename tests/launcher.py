@@ -79,9 +79,9 @@ def run(cmd: List[str], cwd: Path, timeout: int = 400, extra_env: Optional[Dict[
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def start(cmd: List[str], cwd: Path, log: Path) -> subprocess.Popen:
+def start(cmd: List[str], cwd: Path, log: Path, extra_env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
     """Start a launcher in its own process group (so it and its ranks can be killed together)."""
-    return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=cwd, env=env(**(extra_env or {})), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 

@@ -94,7 +94,10 @@ def test_sigkill_then_same_command_resumes_on_the_same_path(vae_digits8, tmp_pat
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
     cfg = write_config(tiny_config(vae_digits8, str(tmp_path / "kill"), **common), tmp_path / "kill.yaml")
-    first = start(deepspeed_command(cfg, free_port()), tmp_path, tmp_path / "first.log")
+    # the first run hangs in step 12 (one micro-step per step), so it can never race past the step-20
+    # checkpoint between the poll that sees step 10 and the kill (seen once in CI)
+    first = start(deepspeed_command(cfg, free_port()), tmp_path, tmp_path / "first.log",
+                  extra_env={"MDT_FAULTS": "hang:call=12"})
     wait_for(tmp_path / "kill" / "t" / "checkpoints" / "step00000010" / COMPLETE, first)
     kill_group(first)
     again = run(deepspeed_command(cfg, free_port()), tmp_path)
