@@ -38,7 +38,7 @@ def test_a_record_written_before_versioning_reads_as_version_1():
     raw = json.loads((V1 / STATE_FILE).read_text())
     assert "format_version" not in raw  # the fixture predates the field
     record = read_record(str(V1))
-    assert record.format_version == 1 and FORMAT_VERSION == 2
+    assert record.format_version == 1 and FORMAT_VERSION == 3
     assert (record.train_flops, record.train_seconds) == (0.0, 0.0)  # fields of version 2
     assert (record.step, record.world_size, record.images_seen, record.ema_updates) == (3, 2, 48, 3)
     assert record.model_name == "MaskDiT-S/2" and record.model_kwargs["hidden_size"] == 16

@@ -13,10 +13,11 @@ from typing import Any, Dict, List, Optional
 from data_tools.format import write_text_atomic
 
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the record's layout: 1, the fields every checkpoint had before the version was
 recorded (such files read as version 1); 2 adds train_flops and train_seconds (0 when read from
-version 1). A newer version than this is refused with a one-line error."""
+version 1); 3 adds rollbacks and lr_cut_until (0 when read from older ones). A newer version than
+this is refused with a one-line error."""
 
 
 class CheckpointError(ValueError):
@@ -52,6 +53,10 @@ class CheckpointRecord:
     """Training FLOPs spent so far, all ranks (forward + backward, at each step's mask ratio)."""
     train_seconds: float = 0.0
     """Training wall time so far, evaluation and checkpoint saves excluded."""
+    rollbacks: int = 0
+    """Rollbacks the run made after a divergence (monitor.on_nonfinite: rollback)."""
+    lr_cut_until: int = 0
+    """The last step trained at the lowered learning rate of the latest rollback (0: none)."""
     ema_updates: int = 0
     """EMA updates so far (they drive the EMA's decay warm-up)."""
     replica_checksums: List[List[float]] = field(default_factory=list)

@@ -197,6 +197,10 @@ class CheckpointConfig:
     of ranks changed), none, or a checkpoint directory."""
 
 
+NONFINITE_ACTIONS = ("stop", "rollback")
+"""monitor.on_nonfinite: what a divergence does (trainer.training.recovery)."""
+
+
 @dataclass
 class MonitorConfig:
     """Logging, sample grids and the non-finite-loss guard."""
@@ -214,7 +218,23 @@ class MonitorConfig:
     guidance_scale: float = 1.5
     """Classifier-free guidance for sample grids."""
     max_nonfinite: int = 5
-    """Stop the run after this many non-finite losses in a row (each is skipped and counted)."""
+    """Non-finite losses in a row (each is skipped and counted) that make a divergence: the run
+    stops or rolls back (on_nonfinite)."""
+    on_nonfinite: str = "stop"
+    """What a divergence does: stop (exit 3, the last checkpoint intact) or rollback (reload the
+    last checkpoint on every rank, skip the data that led there, lower the learning rate for a
+    while; stop after max_rollbacks)."""
+    max_rollbacks: int = 3
+    """Rollbacks a run may make (on_nonfinite: rollback); the next divergence stops it."""
+    rollback_lr_scale: float = 0.5
+    """Learning-rate factor for the steps after a rollback."""
+    rollback_lr_steps: int = 500
+    """How many steps after the checkpoint rolled back to train at the lowered learning rate."""
+    spike_factor: float = 0.0
+    """A loss above this many times its running median (the phase's last 200 steps) for
+    spike_steps steps in a row is a divergence too; 0: off."""
+    spike_steps: int = 5
+    """Steps in a row above spike_factor x the median that make a spike."""
     peak_tflops: Optional[float] = None
     """Accelerator peak (bf16 TFLOP/s per rank) for MFU; default: measured once at start."""
 

@@ -11,7 +11,7 @@ from model_zoo.registry import MODELS
 from ..diffusion import PRECONDITIONINGS, SAMPLERS, SIGMA_SAMPLERS, WEIGHTINGS
 from .deepspeed_json import PRECISIONS
 from .phases import MASK_SCHEDULES
-from .schema import ConfigError, TrainConfig
+from .schema import NONFINITE_ACTIONS, ConfigError, TrainConfig
 
 CHOICES: Dict[str, Collection[str]] = {
     "model.activation_checkpointing": CHECKPOINT_MODES,
@@ -21,6 +21,7 @@ CHOICES: Dict[str, Collection[str]] = {
     "phases.schedule": MASK_SCHEDULES,
     "deepspeed.precision": PRECISIONS,
     "eval.sampler": SAMPLERS,
+    "monitor.on_nonfinite": NONFINITE_ACTIONS,
 }
 """Keys whose value names a registry entry, with that registry (the config reference lists them
 from here; model.name is checked against model_zoo.registry.MODELS on its own: 30 names)."""
@@ -74,7 +75,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _check(cfg.checkpoint.every > 0 and cfg.checkpoint.keep_last >= 1,
            "checkpoint.every must be > 0 and checkpoint.keep_last >= 1")
     _check(cfg.monitor.log_every > 0, "monitor.log_every must be > 0")
-    _check(cfg.monitor.max_nonfinite >= 1, "monitor.max_nonfinite must be >= 1")
+    _validate_recovery(cfg)
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
            f"deepspeed.zero_stage must be 0-3, got {cfg.deepspeed.zero_stage}")
     _check(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1,
@@ -84,6 +85,17 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
            f"run.time_limit_s must be > 0 (null: no limit), got {cfg.run.time_limit_s}")
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _validate_eval(cfg)
+
+
+def _validate_recovery(cfg: TrainConfig) -> None:
+    m = cfg.monitor
+    _check(m.max_nonfinite >= 1, "monitor.max_nonfinite must be >= 1")
+    _check(m.max_rollbacks >= 0, f"monitor.max_rollbacks must be >= 0, got {m.max_rollbacks}")
+    _check(0.0 < m.rollback_lr_scale <= 1.0, f"monitor.rollback_lr_scale must be in (0, 1], got {m.rollback_lr_scale}")
+    _check(m.rollback_lr_steps >= 0, f"monitor.rollback_lr_steps must be >= 0, got {m.rollback_lr_steps}")
+    _check(m.spike_factor == 0 or m.spike_factor > 1,
+           f"monitor.spike_factor must be 0 (off) or > 1, got {m.spike_factor}")
+    _check(m.spike_steps >= 1, f"monitor.spike_steps must be >= 1, got {m.spike_steps}")
 
 
 def _validate_eval(cfg: TrainConfig) -> None:

@@ -53,6 +53,10 @@ class RunState:
     """Training FLOPs spent so far, all ranks."""
     train_seconds: float = 0.0
     """Training wall time so far (evaluation and saves excluded)."""
+    rollbacks: int = 0
+    """Rollbacks after a divergence so far (trainer.training.recovery)."""
+    lr_cut_until: int = 0
+    """The last step at the lowered learning rate of the latest rollback."""
 
 
 FREE_SPACE_MARGIN = 1.5
@@ -280,8 +284,9 @@ class Checkpointer:
             print(f"warning: data-parallel replicas hold different weights at step {state.step}: {sums}", flush=True)
         record = CheckpointRecord(
             step=state.step, images_seen=state.images_seen, nonfinite_skipped=state.nonfinite_skipped,
-            train_flops=state.train_flops, train_seconds=state.train_seconds,
-            world_size=self.world_size, model_name=self.cfg.model.name, model_kwargs=self.model_kwargs,
+            train_flops=state.train_flops, train_seconds=state.train_seconds, rollbacks=state.rollbacks,
+            lr_cut_until=state.lr_cut_until, world_size=self.world_size, model_name=self.cfg.model.name,
+            model_kwargs=self.model_kwargs,
             config=self.cfg.to_dict(), dataset=self.dataset, ema_updates=self.ema.updates, replica_checksums=sums,
             phase_end=phase_end)
         if self.rank == 0 and not self._warned_space:
@@ -297,8 +302,17 @@ class Checkpointer:
             print(f"saved checkpoint {path}", flush=True)
         return path
 
-    def resume(self, path: str) -> RunState:
-        """Load a checkpoint, check that the weights are the saved ones, place the data stream."""
+    def latest(self) -> Optional[str]:
+        """The newest complete checkpoint of this run that this world can load (for a rollback)."""
+        try:
+            found = find_resume(self.root, "auto")
+            return found and for_world_size(found, self.world_size)
+        except CheckpointError as err:
+            raise RunStopped(str(err)) from None
+
+    def _load_checked(self, path: str) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]], bool]:
+        """Load a checkpoint on every rank and check the weights against the saved checksums:
+        (record, this rank's data position, whether checksums were there to check)."""
         try:
             record, data = load_checkpoint(self.engine, self.ema, path, self.rank)
         except CheckpointError as err:
@@ -307,6 +321,17 @@ class Checkpointer:
         want = (record.replica_checksums or [None])[0]
         if want and any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for s in sums for a, b in zip(s, want)):
             raise RunStopped(f"weights loaded from {path} differ from the saved ones (checksums {sums} vs {want})")
+        return record, data, bool(want)
+
+    def reload(self, path: str) -> RunState:
+        """Load a checkpoint's weights, optimizer and EMA for a rollback; the data stream stays where
+        it is (the data since the checkpoint are skipped). The counters are the checkpoint's."""
+        record, _, _ = self._load_checked(path)
+        return _state_of(record)
+
+    def resume(self, path: str) -> RunState:
+        """Load a checkpoint, check that the weights are the saved ones, place the data stream."""
+        record, data, want = self._load_checked(path)
         micro = self.cfg.data.micro_batch_size
         data, rescaled = resume_data_state(record, data, path, self.rank, self.world_size, micro, len(self.loader))
         if rescaled and self.rank == 0:
@@ -324,5 +349,9 @@ class Checkpointer:
             checked = " (weights match the saved checksums)" if want else ""
             print(f"resumed from {path} at step {record.step}{checked}, optimizer state: "
                   f"{optimizer_state_summary(self.engine.optimizer)}", flush=True)
-        return RunState(record.step, record.images_seen, record.nonfinite_skipped, record.train_flops,
-                        record.train_seconds)
+        return _state_of(record)
+
+
+def _state_of(record: CheckpointRecord) -> RunState:
+    return RunState(record.step, record.images_seen, record.nonfinite_skipped, record.train_flops,
+                    record.train_seconds, record.rollbacks, record.lr_cut_until)

@@ -46,10 +46,12 @@ def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[st
     return engine
 
 
-def seed_step(seed: int, rank: int, step: int, micro: int) -> None:
+def seed_step(seed: int, rank: int, step: int, micro: int, rollbacks: int = 0) -> None:
     """Seed every RNG for one micro-step from (seed, rank, step, micro): resumed runs draw the same
-    noise, sigmas, masks and label drops as uninterrupted ones, without saving RNG states."""
-    value = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+    noise, sigmas, masks and label drops as uninterrupted ones, without saving RNG states. After a
+    rollback the steps it repeats draw afresh (`rollbacks` joins the seed)."""
+    entropy = [seed, rank, step, micro] + ([rollbacks] if rollbacks else [])
+    value = int(np.random.SeedSequence(entropy).generate_state(1)[0])
     torch.manual_seed(value)
     random.seed(value)
     acc = get_accelerator()

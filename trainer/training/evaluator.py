@@ -104,6 +104,11 @@ class Evaluator:
 
     # ------------------------------------------------------------------------- when and what
 
+    def rewind(self, step: int) -> None:
+        """The run went back to `step` (a rollback): its records of later steps go, as on resume."""
+        if self.enabled and self.dist.rank == 0:
+            keep_records_through(self.path, step)
+
     def due(self, step: int, phase: PhaseState, last: bool) -> bool:
         """Whether to evaluate after the step just finished (1-based)."""
         return self.enabled and (step % self.cfg.eval.every == 0 or phase.phase_end or last)

@@ -62,6 +62,11 @@ class Monitor:
         self._flops = 0.0
         self._images = 0
 
+    def drop_window(self) -> None:
+        """Forget what was collected since the last log (a rollback: those steps are trained again)."""
+        self._reset()
+        self._window_start = self._clock()
+
     def due(self, step: int) -> bool:
         """Whether the step just finished (1-based) is a log step: every log_every, and the last."""
         return step % self.cfg.log_every == 0 or step == self.total_steps

@@ -23,6 +23,7 @@ from .engine import build_engine, deepspeed_config, seed_step
 from .evaluator import Evaluator, build_evaluator
 from .monitor import Monitor, measure_peak_flops
 from .previews import SampleGrids
+from .recovery import Diverged, Recovery
 from .stop import RunStopped, StopFlag, StopRequested
 from .task import TrainingModule, build_network
 
@@ -77,7 +78,7 @@ class Trainer:
         self.stop: StopFlag | None = None  # installed once training starts (after resume)
         self.evaluator: Evaluator | None = None  # built after resume (it drops records of a lost attempt)
         self.state = RunState()
-        self._bad_in_a_row = 0
+        self.recovery = Recovery(cfg.monitor, self.checkpointer.root)
         self._mark = time.perf_counter()  # training time counts from here; saves and evaluations do not
 
     def train(self) -> RunState:
@@ -93,7 +94,11 @@ class Trainer:
             while self.state.step < cfg.run.total_steps:
                 self.beat(f"step {self.state.step + 1}")
                 phase = self.plan.at(self.state.step)
-                stopping, time_up, data_wait = self._step(batches, phase)
+                try:
+                    stopping, time_up, data_wait = self._step(batches, phase)
+                except Diverged as trouble:
+                    self._roll_back(trouble, batches, phase)
+                    continue
                 self._account(phase, data_wait)
                 step = self.state.step
                 last = step == cfg.run.total_steps or time_up
@@ -147,19 +152,22 @@ class Trainer:
         elif self.dist.rank == 0:
             self.monitor.text("config", f"```\n{self.cfg.to_dict()}\n```")
             self.monitor.text("phase_plan", f"```\n{self.plan.table()}\n```")
+        self.recovery = Recovery(self.cfg.monitor, self.checkpointer.root, self.state.rollbacks,
+                                 self.state.lr_cut_until)
         self.beat("preparing the evaluation")
         self.evaluator = build_evaluator(self.cfg, self.dist, self.ema, self.loader, self.monitor, self.state.step)
 
     def _step(self, batches, phase: PhaseState):
         """One optimizer step of `accumulation` micro-steps; a micro-step whose loss is non-finite on
         any rank is skipped on every rank and retried with the next batch. Returns (stop requested,
-        time limit reached (rank 0's clock decides for all), seconds waited for data)."""
+        time limit reached (rank 0's clock decides for all), seconds waited for data); raises
+        Diverged (every rank alike) when the run must roll back."""
         cfg, rank, world, device = self.cfg, self.dist.rank, self.dist.world_size, self.dist.device
         if rank == 0:
             self.stop.poll_file()
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * phase.lr_scale
-        micro, attempt, data_wait, stopping, time_up = 0, 0, 0.0, False, False
+            group["lr"] = self._lr(phase)
+        micro, attempt, data_wait, stopping, time_up, loss_sum = 0, 0, 0.0, False, False, 0.0
         limit = cfg.run.time_limit_s
         over = bool(limit) and rank == 0 and self.state.train_seconds + time.perf_counter() - self._mark >= limit
         while micro < cfg.accumulation_steps(world):
@@ -167,38 +175,86 @@ class Trainer:
             z, y = next(batches)
             data_wait += time.perf_counter() - start
             z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            seed_step(cfg.run.seed, rank, self.state.step, attempt)
+            seed_step(cfg.run.seed, rank, self.state.step, attempt, self.recovery.rollbacks)
             attempt += 1
             out = self.engine(z, y, phase.mask_ratio)
             loss = out.loss.mean()
             flags = torch.cat([(~torch.isfinite(loss)).float().reshape(1),
-                               torch.tensor([float(self.stop.requested), float(over)], device=device)])
+                               torch.tensor([float(self.stop.requested), float(over)], device=device),
+                               torch.nan_to_num(loss.detach().float(), nan=0.0).reshape(1)])
             if world > 1:
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            bad, stop_now, out_of_time = flags.tolist()
+            bad, stop_now, out_of_time, largest_loss = flags.tolist()
             # Acted on at the end of the step: the checkpoint then sits on a step boundary and the
             # data position excludes nothing the step drew, so the rerun continues exactly.
             stopping, time_up = stopping or bool(stop_now), time_up or bool(out_of_time)
             if bad:
-                self._skip_nonfinite()
+                self._skip_nonfinite(micro)
                 continue
-            self._bad_in_a_row = 0
+            self.recovery.finite()
             self.engine.backward(loss)
             self.engine.step()
             self.monitor.record(out)
+            loss_sum += largest_loss
             micro += 1
+        self.recovery.step_loss(self.state.step + 1, loss_sum / micro, phase.phase)
         return stopping, time_up, data_wait
 
-    def _skip_nonfinite(self) -> None:
+    def _lr(self, phase: PhaseState) -> float:
+        return self.cfg.optim.lr * phase.lr_scale * self.recovery.lr_scale(self.state.step + 1)
+
+    def _skip_nonfinite(self, micro: int) -> None:
         self.state.nonfinite_skipped += 1
-        self._bad_in_a_row += 1
         step = self.state.step + 1
         if self.dist.rank == 0:
-            print(f"warning: non-finite loss in step {step} (skipped, {self._bad_in_a_row} in a row)", flush=True)
-        if self._bad_in_a_row >= self.cfg.monitor.max_nonfinite:
-            raise RunStopped(f"{self._bad_in_a_row} non-finite losses in a row in step {step}: stopping; the "
-                             f"last good checkpoint in {self.checkpointer.root} is intact (lower optim.lr or check "
-                             "the data)")
+            print(f"warning: non-finite loss in step {step} (skipped, {self.recovery.bad_in_a_row + 1} in a row)",
+                  flush=True)
+        self.recovery.nonfinite(step, micro)
+
+    def _roll_back(self, trouble: Diverged, batches, phase: PhaseState) -> None:
+        """Go back to the last checkpoint on every rank after a divergence in step `trouble.step`.
+        The data stream stays where it is, so the batches that led to the divergence are not met
+        again; the learning rate is lowered for monitor.rollback_lr_steps steps. The spent compute
+        stays counted (train_flops, train_seconds); steps and images are the checkpoint's."""
+        spent_flops = self.state.train_flops
+        spent_seconds = self.state.train_seconds + time.perf_counter() - self._mark
+        path = self.checkpointer.latest()
+        if path is None:
+            raise RunStopped(f"{trouble.why}: no checkpoint to roll back to yet (checkpoint.every "
+                             f"{self.cfg.checkpoint.every}); stopping")
+        self.beat(f"rolling back to {path}")
+        state = self.checkpointer.reload(path)
+        if trouble.micro:
+            # Backward already ran for part of the failed step: its gradients wait in DeepSpeed's
+            # accumulation buffers (where they live differs per ZeRO stage and precision). Ending the
+            # step with zero-loss micro-steps lets DeepSpeed's own step boundary clear them; the
+            # update that boundary applies is undone by loading the checkpoint once more.
+            self._end_accumulation(batches, phase, trouble.micro)
+            state = self.checkpointer.reload(path)
+        self.recovery.rolled_back(state.step)
+        state.nonfinite_skipped = self.state.nonfinite_skipped
+        state.train_flops, state.train_seconds = spent_flops, spent_seconds
+        state.rollbacks, state.lr_cut_until = self.recovery.rollbacks, self.recovery.lr_cut_until
+        self.evaluator.rewind(state.step)
+        self.monitor.drop_window()
+        if self.dist.rank == 0:
+            line = (f"rollback {state.rollbacks} of {self.cfg.monitor.max_rollbacks}: {trouble.why}; reloaded {path} "
+                    f"(step {state.step}); the data of steps {state.step + 1}-{trouble.step} are skipped; lr x"
+                    f"{self.cfg.monitor.rollback_lr_scale:g} through step {state.lr_cut_until}")
+            print(line, flush=True)
+            self.monitor.scalar("recovery/rollbacks", state.rollbacks, trouble.step)
+            self.monitor.scalar("recovery/rolled_back_to", state.step, trouble.step)
+            self.monitor.text("recovery", line, trouble.step)
+        self.state = state
+        self._mark = time.perf_counter()
+
+    def _end_accumulation(self, batches, phase: PhaseState, done: int) -> None:
+        for micro in range(done, self.cfg.accumulation_steps(self.dist.world_size)):
+            z, y = next(batches)
+            seed_step(self.cfg.run.seed, self.dist.rank, self.state.step, micro, self.recovery.rollbacks + 1)
+            out = self.engine(z.to(self.dist.device), y.to(self.dist.device), phase.mask_ratio)
+            self.engine.backward(out.loss.mean() * 0.0)
+            self.engine.step()
 
     def _account(self, phase: PhaseState, data_wait: float) -> None:
         """Count the finished step: images, training FLOPs and wall time (the run's own counters and
@@ -217,7 +273,8 @@ class Trainer:
     def _log(self, phase: PhaseState) -> None:
         norm = self.engine.get_global_grad_norm()
         self.monitor.log(self.state.step, {
-            "lr": self.cfg.optim.lr * phase.lr_scale, "mask_ratio": phase.mask_ratio,
+            "lr": self.cfg.optim.lr * phase.lr_scale * self.recovery.lr_scale(self.state.step),
+            "mask_ratio": phase.mask_ratio,
             "grad_norm": float(norm) if norm is not None else float("nan"),
             "skipped_steps": float(self.state.nonfinite_skipped), "phase_unmask": float(phase.phase != MASKED),
         }, self.dist.world_size, phase.phase)

@@ -1,0 +1,112 @@
+"""Recovery without a person (`monitor.on_nonfinite: rollback`) in real 2-rank runs with data
+workers: a streak of non-finite losses reloads the last checkpoint on every rank, skips the data
+that led there, trains on at a lowered learning rate, and finishes; one more streak than
+`monitor.max_rollbacks` allows stops the run with its checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE
+
+from launcher import STEP_LINE, deepspeed_command, free_port, losses, run, tiny_config, write_config
+
+pytestmark = pytest.mark.timeout(600)
+
+LR = 2e-3
+
+
+def _config(shards, out, **monitor):
+    return tiny_config(shards, out, run={"total_steps": 16}, checkpoint={"every": 5, "keep_last": 5},
+                       data={"batch_size": 32},  # 2 micro-steps per step on 2 ranks
+                       optim={"lr": LR, "torch_adam": True, "warmup_steps": 0},
+                       monitor={"log_every": 1, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 4,
+                                "on_nonfinite": "rollback", "max_rollbacks": 2, "rollback_lr_scale": 0.5,
+                                "rollback_lr_steps": 4, **monitor})
+
+
+def _logged_steps(stdout: str) -> list:
+    steps = []
+    for line in stdout.splitlines():
+        m = STEP_LINE.match(line.split("] ", 1)[-1] if line.startswith("[") else line)
+        if m:
+            steps.append(int(m.group(1)))
+    return steps
+
+
+def test_a_streak_rolls_back_skips_its_data_and_finishes(digits8, tmp_path):
+    """Run A: in step 8 the first micro-step trains (its gradients wait in ZeRO-2's buffers), then
+    rank 1's next 3 losses are NaN: rollback to step 5. Run B: all 5 of step 8's tries are NaN
+    (max_nonfinite 5), so it rolls back at a step boundary having drawn as many batches as A (1 good,
+    3 bad, 1 to end the step). From step 5 on both must train exactly alike: A's half-accumulated
+    gradients are gone, both skip the same data and lower the learning rate alike."""
+    runs = {}
+    for name, faults, max_bad in (("a", "nan:calls=16,17,18:rank=1", 3), ("b", "nan:calls=15,16,17,18,19:rank=1", 5)):
+        cfg = write_config(_config(digits8, str(tmp_path / name), max_nonfinite=max_bad), tmp_path / f"{name}.yaml")
+        proc = run(deepspeed_command(cfg, free_port()), tmp_path, extra_env={"MDT_FAULTS": faults})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = proc
+    a, b = runs["a"], runs["b"]
+    root = tmp_path / "a" / "t" / "checkpoints"
+    assert (f"rollback 1 of 2: 3 non-finite losses in a row in step 8; reloaded {root / 'step00000005'} (step 5); "
+            "the data of steps 6-8 are skipped; lr x0.5 through step 9") in a.stdout, a.stdout[-3000:]
+    assert "rollback 1 of 2: 5 non-finite losses in a row in step 8" in b.stdout
+    assert a.stdout.count("rollback 1 of 2") == 1 and "rollback 2" not in a.stdout
+    # steps 1-7 trained once, then 6-16 again from the checkpoint of step 5
+    assert _logged_steps(a.stdout) == list(range(1, 8)) + list(range(6, 17))
+    after_a, after_b = losses(a.stdout), losses(b.stdout)  # the later line of a step wins
+    for step in range(6, 17):
+        assert after_a[step] == pytest.approx(after_b[step], rel=1e-6, abs=1e-8), (step, after_a[step], after_b[step])
+        assert math.isfinite(after_a[step])
+
+    end = root / "step00000016"
+    state = json.loads((end / STATE_FILE).read_text())
+    assert (state["step"], state["images_seen"], state["rollbacks"], state["lr_cut_until"]) == (16, 16 * 32, 1, 9)
+    assert state["nonfinite_skipped"] == 3 and state["replica_checksums"][0] == state["replica_checksums"][1]
+    ema_a = load_file(end / "ema.safetensors")
+    ema_b = load_file(tmp_path / "b" / "t" / "checkpoints" / "step00000016" / "ema.safetensors")
+    for key in ema_a:
+        torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+    tb = EventAccumulator(str(tmp_path / "a" / "t" / "tb"))
+    tb.Reload()
+    assert [(e.step, e.value) for e in tb.Scalars("recovery/rollbacks")] == [(8, 1.0)]
+    assert [(e.step, e.value) for e in tb.Scalars("recovery/rolled_back_to")] == [(8, 5.0)]
+    lr = {e.step: e.value for e in tb.Scalars("train/lr")}  # the replayed steps' values replace the first ones
+    assert [lr[s] for s in (5, 6, 9, 10, 16)] == pytest.approx([LR, LR / 2, LR / 2, LR, LR])
+
+
+def test_one_streak_more_than_allowed_stops_with_the_checkpoint_intact(digits8, tmp_path):
+    """max_rollbacks 1 and two streaks (one micro-step per step): the first (step 8) rolls back to
+    step 5; the second (step 15: calls 11-19 train steps 6-14) stops the run with status 3, and the
+    checkpoint of step 10, written after the rollback, is whole and records it."""
+    cfg = _config(digits8, str(tmp_path / "r"), max_nonfinite=3, max_rollbacks=1)
+    cfg["data"]["batch_size"] = 16
+    config = write_config(cfg, tmp_path / "c.yaml")
+    proc = run(deepspeed_command(config, free_port()), tmp_path,
+               extra_env={"MDT_FAULTS": "nan:calls=8,9,10,20,21,22:rank=1"})
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = tmp_path / "r" / "t" / "checkpoints"
+    assert "rollback 1 of 1: 3 non-finite losses in a row in step 8" in proc.stdout
+    assert (f"mdt-train: stopped: 3 non-finite losses in a row in step 15: stopping after 1 rollback; the last good "
+            f"checkpoint in {root} is intact") in proc.stderr, proc.stderr[-3000:]
+    assert (root / LATEST).read_text() == "step00000010" and (root / "step00000010" / COMPLETE).exists()
+    state = json.loads((root / "step00000010" / STATE_FILE).read_text())
+    assert (state["step"], state["rollbacks"], state["nonfinite_skipped"]) == (10, 1, 3)
+
+
+def test_without_a_checkpoint_to_go_back_to_the_run_stops(digits8, tmp_path):
+    cfg = _config(digits8, str(tmp_path / "r"), max_nonfinite=2)
+    cfg["data"]["batch_size"] = 16
+    proc = run(deepspeed_command(write_config(cfg, tmp_path / "c.yaml"), free_port()), tmp_path,
+               extra_env={"MDT_FAULTS": "nan:calls=3,4"})
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"stopped: 2 non-finite losses in a row in step 3: no checkpoint to roll back to yet "
+                     r"\(checkpoint\.every 5\); stopping", proc.stderr), proc.stderr[-3000:]
