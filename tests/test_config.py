@@ -109,9 +109,12 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
 
 def test_dry_run_prints_config_plan_and_deepspeed_json(capsys, digits8):
     assert main(["--config", str(CONFIGS[0]), "--set", f"data.shards={digits8}", f"data.val_shards={digits8}",
-                 "--world-size", "2", "--dry-run"]) == 0
+                 "optim.lr_schedule=linear", "optim.warmup_steps=10", "run.total_steps=111", "phases.unmask_every=0",
+                 "phases.final_unmask_steps=10", "--world-size", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "final_unmask" in out and '"train_batch_size": 64' in out and "data: shards found" in out
+    assert ("lr schedule: linear warm-up over the first 10 steps, then linear decay to x0 at the last step (x phase "
+            "scale; factor at step 0: 0.1, 10: 1, 60: 0.5, 110: 0)") in out
 
 
 @pytest.mark.parametrize("stage,precision,offload", [(0, "fp32", False), (1, "bf16", False), (2, "fp16", True),

@@ -230,3 +230,26 @@ def test_denoiser_applies_preconditioning():
     one = den(x, 1.0, torch.zeros(3, dtype=torch.long))  # a scalar sigma serves the whole batch
     torch.testing.assert_close(one, den(x, torch.ones(3), torch.zeros(3, dtype=torch.long)))
     assert den.num_classes == 10
+
+
+def test_zero_terminal_snr_schedules_are_selectable_by_sigma_sampler_name():
+    from trainer.config import ConfigError, config_from_dict
+    from trainer.config.validation import validate
+    from trainer.diffusion import ddpm_schedule_for, make_sigma_sampler
+
+    for kind in ("linear", "cosine"):
+        sched = ddpm_schedule_for(f"ddpm_{kind}_zsnr")
+        assert sched.kind == kind and sched.zero_terminal_snr and sched.name == f"{kind}_zsnr"
+        assert math.isinf(float(sched.sigmas[-1])) and not ddpm_schedule_for(f"ddpm_{kind}").zero_terminal_snr
+        # the training sampler uses the one schedule it is given when the names agree
+        assert make_sigma_sampler(f"ddpm_{kind}_zsnr", schedule=sched).schedule is sched
+        assert make_sigma_sampler(f"ddpm_{kind}", schedule=sched).schedule is not sched
+    cfg = config_from_dict({"data": {"shards": "x"}, "diffusion": {"preconditioning": "vp_v",
+                                                                   "sigma_sampler": "ddpm_linear_zsnr"}})
+    validate(cfg, 1)
+    den = cfg.diffusion.denoiser(torch.nn.Identity())
+    assert den.precond.schedule.zero_terminal_snr
+    eps = config_from_dict({"data": {"shards": "x"}, "diffusion": {"preconditioning": "vp_eps",
+                                                                   "sigma_sampler": "ddpm_cosine_zsnr"}})
+    with pytest.raises(ConfigError, match="zero terminal SNR.*cannot train vp_eps"):
+        validate(eps, 1)

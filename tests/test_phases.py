@@ -74,3 +74,37 @@ def test_table_and_bounds():
     assert sum(last - first + 1 for first, last, *_ in segs) == 1000
     with pytest.raises(ValueError, match="outside the plan"):
         p.at(1000)
+
+
+@pytest.mark.parametrize("schedule,values", [
+    # steps 0-9 warm up; the decay runs over steps 10..109 to a floor of 0.1 of the peak
+    ("constant", {0: 0.1, 9: 1.0, 10: 1.0, 60: 1.0, 109: 1.0}),
+    ("linear", {0: 0.1, 9: 1.0, 10: 1.0, 43: 1 - 0.9 * 33 / 99, 109: 0.1}),
+    ("cosine", {0: 0.1, 9: 1.0, 10: 1.0, 59: 1 - 0.9 * 0.5 * (1 - math.cos(math.pi * 49 / 99)), 109: 0.1}),
+])
+def test_lr_schedules_after_the_warm_up(schedule, values):
+    p = PhasePlan(PhasesConfig(mask_ratio=0.5, final_unmask_steps=20, final_unmask_lr_scale=0.5), 110, 10,
+                  lr_schedule=schedule, min_lr_ratio=0.1)
+    for step, factor in values.items():
+        assert p.lr_factor(step) == pytest.approx(factor, abs=1e-12), (schedule, step)
+        # composed with the phase's own scale: the final unmask tuning (steps 90-109) halves it
+        assert p.at(step).lr_scale == pytest.approx(factor * (0.5 if step >= 90 else 1.0), abs=1e-12)
+    decay = [p.lr_factor(s) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))  # never rises after the warm-up
+    assert f"then {schedule}" in p.table() or schedule == "constant"
+    assert "lr schedule: linear warm-up over the first 10 steps" in p.table()
+
+
+def test_lr_schedule_from_the_config_and_its_checks():
+    from trainer.config import ConfigError, config_from_dict
+    from trainer.config.validation import validate
+
+    cfg = config_from_dict({"data": {"shards": "x"}, "run": {"total_steps": 101},
+                            "optim": {"lr": 1e-3, "lr_schedule": "cosine", "min_lr": 1e-4}})
+    p = cfg.phase_plan()
+    assert p.at(0).lr_scale == pytest.approx(1.0) and p.at(100).lr_scale == pytest.approx(0.1)
+    assert p.at(50).lr_scale == pytest.approx(0.55)
+    with pytest.raises(ConfigError, match=r"optim\.min_lr must be in \[0, optim\.lr 0\.001\], got 0\.01"):
+        validate(config_from_dict({"data": {"shards": "x"}, "optim": {"lr": 1e-3, "min_lr": 1e-2}}), 1)
+    with pytest.raises(ConfigError, match="optim.lr_schedule: 'step' is not one of constant, linear, cosine"):
+        validate(config_from_dict({"data": {"shards": "x"}, "optim": {"lr_schedule": "step"}}), 1)

@@ -7,8 +7,9 @@ Layout over run.total_steps = T with final_unmask_steps = F, unmask_every = K, u
     [T - F, T)   final unmask tuning (mask ratio 0, lr x final_unmask_lr_scale)
 
 Masked steps follow the mask-ratio schedule (constant, linear or cosine from mask_ratio to
-end_mask_ratio over [0, T - F)). The lr warm-up multiplies every phase's scale. Being a pure
-function of the step, the plan resumes correctly in the middle of any phase.
+end_mask_ratio over [0, T - F)). The lr schedule (a linear warm-up over optim.warmup_steps, then
+constant, or a linear or cosine decay to optim.min_lr at the last step) multiplies every phase's
+scale. Being a pure function of the step, the plan resumes correctly in the middle of any phase.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ MASK_SCHEDULES: Dict[str, Callable[[float], float]] = {
 """phases.schedule: name -> the share (0 -> 1) of the way from mask_ratio to end_mask_ratio at a
 fraction of the masked steps."""
 
+LR_SCHEDULES = MASK_SCHEDULES
+"""optim.lr_schedule: the same shapes, as the share of the way from the peak lr to optim.min_lr at
+a fraction of the steps after the warm-up (constant: no decay)."""
+
 
 @dataclass(frozen=True)
 class PhaseState:
@@ -45,10 +50,14 @@ class PhaseState:
 class PhasePlan:
     """The plan for one run; `at(step)` is cheap and pure."""
 
-    def __init__(self, cfg: "PhasesConfig", total_steps: int, warmup_steps: int = 0):
+    def __init__(self, cfg: "PhasesConfig", total_steps: int, warmup_steps: int = 0, lr_schedule: str = "constant",
+                 min_lr_ratio: float = 0.0):
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.lr_schedule: unknown schedule {lr_schedule!r}")
         self.cfg = cfg
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
+        self.lr_schedule, self.min_lr_ratio = lr_schedule, min_lr_ratio
         self.masked_end = total_steps - cfg.final_unmask_steps
 
     def _phase(self, step: int) -> Tuple[str, bool]:
@@ -70,12 +79,22 @@ class PhasePlan:
         w = MASK_SCHEDULES[c.schedule](min(1.0, step / max(1, self.masked_end - 1)))
         return c.mask_ratio + (c.end_mask_ratio - c.mask_ratio) * w
 
+    def lr_factor(self, step: int) -> float:
+        """The lr schedule's factor at a step (warm-up, then decay), before the phase's scale."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        span = max(1, self.total_steps - 1 - self.warmup_steps)
+        way = LR_SCHEDULES[self.lr_schedule](min(1.0, (step - self.warmup_steps) / span))
+        return 1.0 - (1.0 - self.min_lr_ratio) * way
+
     def at(self, step: int) -> PhaseState:
         """Mask ratio, lr scale and phase of a step in [0, total_steps)."""
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step {step} outside the plan of {self.total_steps} steps")
         phase, end = self._phase(step)
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        warm = self.lr_factor(step)
         if phase == MASKED:
             return PhaseState(self.scheduled_ratio(step), warm, phase, False)
         scale = self.cfg.unmask_lr_scale if phase == UNMASK else self.cfg.final_unmask_lr_scale
@@ -84,7 +103,7 @@ class PhasePlan:
     def segments(self) -> List[Tuple[int, int, str, float, float, float]]:
         """Maximal runs of steps in one phase: (first, last, phase, ratio first, ratio last, lr scale).
 
-        The lr scale shown excludes the warm-up.
+        The lr scale shown excludes the lr schedule (warm-up and decay).
         """
         c = self.cfg
         cuts = {0, self.masked_end, self.total_steps}
@@ -115,6 +134,15 @@ class PhasePlan:
             first, last, phase, r0, r1, scale = row
             ratio = f"{r0:.3f}" if abs(r0 - r1) < 1e-9 else f"{r0:.3f} -> {r1:.3f}"
             lines.append(f"{first:>10} - {last:>10}  {phase:<13}{ratio:>17}{scale:>7.2f}")
-        if self.warmup_steps:
-            lines.append(f"lr warm-up: linear over the first {self.warmup_steps} steps")
+        lines.append(self.lr_line())
         return "\n".join(lines)
+
+    def lr_line(self) -> str:
+        """The lr schedule in words, with its factor at a few steps (for --dry-run)."""
+        warm = f"linear warm-up over the first {self.warmup_steps} steps, then " if self.warmup_steps else ""
+        shape = "constant" if self.lr_schedule == "constant" else \
+            f"{self.lr_schedule} decay to x{self.min_lr_ratio:g} at the last step"
+        last = self.total_steps - 1
+        steps = sorted({0, min(self.warmup_steps, last), (self.warmup_steps + last) // 2, last})
+        at = ", ".join(f"{s}: {self.lr_factor(s):.3g}" for s in steps)
+        return f"lr schedule: {warm}{shape} (x phase scale; factor at step {at})"

@@ -140,6 +140,11 @@ class OptimConfig:
     """Decoupled weight decay."""
     warmup_steps: int = 0
     """Linear lr warm-up from 0 over this many steps."""
+    lr_schedule: str = "constant"
+    """After the warm-up: constant, or a linear or cosine decay to min_lr at the last step (times
+    each phase's lr scale)."""
+    min_lr: float = 0.0
+    """The floor a decaying lr_schedule reaches at the last step."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0: off)."""
     torch_adam: bool = False
@@ -335,7 +340,8 @@ class TrainConfig:
 
     def phase_plan(self) -> PhasePlan:
         """The step -> (mask ratio, lr scale, phase) plan of this run."""
-        return PhasePlan(self.phases, self.run.total_steps, self.optim.warmup_steps)
+        return PhasePlan(self.phases, self.run.total_steps, self.optim.warmup_steps, self.optim.lr_schedule,
+                         self.optim.min_lr / self.optim.lr if self.optim.lr > 0 else 0.0)
 
 
 def plain(value: Any) -> Any:

@@ -9,8 +9,9 @@ from model_zoo.checkpointing import CHECKPOINT_MODES
 from model_zoo.registry import MODELS
 
 from ..diffusion import PRECONDITIONINGS, SAMPLERS, SIGMA_SAMPLERS, WEIGHTINGS
+from ..diffusion.noise import ZERO_SNR_SUFFIX
 from .deepspeed_json import PRECISIONS
-from .phases import MASK_SCHEDULES
+from .phases import LR_SCHEDULES, MASK_SCHEDULES
 from .schema import NONFINITE_ACTIONS, ConfigError, TrainConfig
 
 CHOICES: Dict[str, Collection[str]] = {
@@ -19,6 +20,7 @@ CHOICES: Dict[str, Collection[str]] = {
     "diffusion.sigma_sampler": SIGMA_SAMPLERS,
     "diffusion.weighting": WEIGHTINGS,
     "phases.schedule": MASK_SCHEDULES,
+    "optim.lr_schedule": LR_SCHEDULES,
     "deepspeed.precision": PRECISIONS,
     "eval.sampler": SAMPLERS,
     "monitor.on_nonfinite": NONFINITE_ACTIONS,
@@ -81,6 +83,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _check(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1,
            "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
     _check(cfg.optim.lr > 0 and cfg.optim.warmup_steps >= 0, "optim.lr must be > 0 and optim.warmup_steps >= 0")
+    _check(0.0 <= cfg.optim.min_lr <= cfg.optim.lr,
+           f"optim.min_lr must be in [0, optim.lr {cfg.optim.lr:g}], got {cfg.optim.min_lr:g}")
+    _check(not (cfg.diffusion.sigma_sampler.endswith(ZERO_SNR_SUFFIX) and cfg.diffusion.preconditioning == "vp_eps"),
+           f"diffusion.sigma_sampler: {cfg.diffusion.sigma_sampler} (zero terminal SNR) cannot train vp_eps: "
+           "epsilon-prediction cannot recover the image where SNR = 0; use vp_v")
     _check(cfg.run.time_limit_s is None or cfg.run.time_limit_s > 0,
            f"run.time_limit_s must be > 0 (null: no limit), got {cfg.run.time_limit_s}")
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")

@@ -51,6 +51,9 @@ SCHEDULES: Dict[str, Callable[[int, float, float], torch.Tensor]] = {
 }
 """DDPM schedule kinds: name -> alphabar over the steps (betas used by 'linear' only)."""
 
+ZERO_SNR_SUFFIX = "_zsnr"
+"""A sigma sampler name ending in this ('ddpm_linear_zsnr') uses the zero-terminal-SNR version."""
+
 
 class DDPMSchedule:
     """A discrete VP schedule (num_steps values of alphabar) seen through its sigmas.
@@ -69,7 +72,7 @@ class DDPMSchedule:
             raise ValueError(f"DDPM schedule num_steps must be >= 2, got {num_steps}")
         if not 0.0 < beta_start < beta_end < 1.0:
             raise ValueError(f"DDPM betas need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
-        self.kind, self.num_steps = kind, num_steps
+        self.kind, self.num_steps, self.zero_terminal_snr = kind, num_steps, zero_terminal_snr
         alphabar = SCHEDULES[kind](num_steps, beta_start, beta_end)
         if zero_terminal_snr:
             root = alphabar.sqrt()
@@ -82,6 +85,11 @@ class DDPMSchedule:
         # float32 copies for lookups on the training device: some accelerators have no float64.
         self._sigmas32 = self.sigmas.float()
         self._log_sigmas32 = self.sigmas.clamp(SIGMA_FLOOR, SIGMA_CEIL).log().float()
+
+    @property
+    def name(self) -> str:
+        """The schedule as named in sigma sampler names: 'linear', 'cosine_zsnr', ..."""
+        return self.kind + (ZERO_SNR_SUFFIX if self.zero_terminal_snr else "")
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep for sigma, interpolating linearly in log sigma (clamped to [0, T-1]).
@@ -137,16 +145,21 @@ def ddpm_schedule_for(sigma_sampler: str) -> Optional[DDPMSchedule]:
     One schedule serves the training noise levels, the VP preconditioning's timestep input and the
     DDPM sampler grid: a cosine-trained network must not be fed linear-schedule timesteps.
     """
-    return DDPMSchedule(sigma_sampler[len("ddpm_"):]) if sigma_sampler.startswith("ddpm_") else None
+    if not sigma_sampler.startswith("ddpm_"):
+        return None
+    kind = sigma_sampler[len("ddpm_"):]
+    zero_snr = kind.endswith(ZERO_SNR_SUFFIX)
+    return DDPMSchedule(kind[:-len(ZERO_SNR_SUFFIX)] if zero_snr else kind, zero_terminal_snr=zero_snr)
 
 
 SigmaSampler = Callable[..., torch.Tensor]
 
 SIGMA_SAMPLERS: Dict[str, Callable[[float, float, Optional[DDPMSchedule]], SigmaSampler]] = {
     "lognormal": lambda p_mean, p_std, schedule: LogNormalSigma(p_mean, p_std),
-    # one uniform-timestep sampler per DDPM schedule kind: ddpm_linear, ddpm_cosine, ...
-    **{f"ddpm_{kind}": (lambda p_mean, p_std, schedule, kind=kind: DiscreteSigma(schedule or DDPMSchedule(kind)))
-       for kind in SCHEDULES},
+    # one uniform-timestep sampler per DDPM schedule: ddpm_linear, ddpm_cosine, ddpm_linear_zsnr, ...
+    **{f"ddpm_{kind}{suffix}": (lambda p_mean, p_std, schedule, kind=kind, zero=bool(suffix):
+                                DiscreteSigma(schedule or DDPMSchedule(kind, zero_terminal_snr=zero)))
+       for kind in SCHEDULES for suffix in ("", ZERO_SNR_SUFFIX)},
 }
 """Training noise-level samplers: name -> builder(p_mean, p_std, schedule)."""
 
@@ -159,6 +172,6 @@ def make_sigma_sampler(name: str, p_mean: float = -1.2, p_std: float = 1.2,
     """
     if name not in SIGMA_SAMPLERS:
         raise ValueError(f"unknown sigma sampler {name!r} (choose from {', '.join(SIGMA_SAMPLERS)})")
-    if schedule is not None and name != f"ddpm_{schedule.kind}":  # a schedule of another kind
+    if schedule is not None and name != f"ddpm_{schedule.name}":  # a schedule of another kind
         schedule = None
     return SIGMA_SAMPLERS[name](p_mean, p_std, schedule)
