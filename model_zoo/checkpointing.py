@@ -1,9 +1,13 @@
 """Per-block activation checkpointing with three interchangeable implementations.
 
 - "torch": torch.utils.checkpoint with use_reentrant=False (default; safe with any inputs).
-- "deepspeed": deepspeed.checkpointing.checkpoint (reentrant; lets DeepSpeed's
-  activation_checkpointing config partition / offload activations once the trainer has called
-  deepspeed.checkpointing.configure).
+- "deepspeed": deepspeed.checkpointing.checkpoint (reentrant) with DeepSpeed's defaults. Its
+  activation_checkpointing options stay off: partition_activations splits checkpoints over
+  model-parallel ranks (this trainer has data parallelism only), and cpu_checkpointing empties
+  every input tensor it was handed (`arg.data = torch.empty([])`, DeepSpeed 0.19), which breaks
+  blocks whose conditioning c is shared by every block and whose x may feed a long skip: tried
+  through deepspeed.checkpointing.configure, the second block received an empty c. For CPU
+  offload use "fairscale".
 - "fairscale": fairscale's checkpoint_wrapper patched onto each block, optionally offloading the
   block inputs to CPU.
 """

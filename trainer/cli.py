@@ -118,6 +118,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FaultSpecError as err:
         print(f"mdt-train: error: {err}", file=sys.stderr)
         return 2
+    from .distributed import precision_problem  # noqa: PLC0415
+
+    problem = precision_problem(cfg.deepspeed.precision)
+    if problem:
+        print(f"mdt-train: error: {problem}", file=sys.stderr)
+        return 2
     return _train(cfg)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import deepspeed
 import deepspeed.ops
@@ -37,6 +38,18 @@ def accelerator_device(local_rank: int = 0) -> torch.device:
 def accelerator_name() -> str:
     """The accelerator's device type: 'cpu', 'cuda', ..."""
     return get_accelerator().device_name()
+
+
+def precision_problem(precision: str) -> Optional[str]:
+    """Why this accelerator cannot train in `precision` ('bf16', 'fp16', 'fp32'), in one line
+    naming the key and what to use instead; None when it can (as DeepSpeed's accelerator says)."""
+    acc = get_accelerator()
+    supported = {"bf16": acc.is_bf16_supported, "fp16": acc.is_fp16_supported}.get(precision)
+    if supported is None or supported():
+        return None
+    others = [p for p, ok in (("bf16", acc.is_bf16_supported()), ("fp32", True)) if ok and p != precision]
+    return (f"deepspeed.precision: {precision} is not supported on this accelerator ({acc.device_name()}); use "
+            f"{' or '.join(others)}")
 
 
 def init_distributed() -> DistInfo:

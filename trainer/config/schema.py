@@ -68,7 +68,8 @@ class ModelConfig:
     activation_checkpointing: str = "none"
     """Per-block recomputation in backward ('torch' is non-reentrant; 'none' keeps every activation)."""
     offload_activations: bool = False
-    """With fairscale checkpointing: keep block inputs on the CPU."""
+    """With fairscale checkpointing: keep block inputs on the CPU (the only mode that can; see
+    model_zoo.checkpointing for why DeepSpeed's cpu_checkpointing cannot serve these networks)."""
     compile: bool = False
     """torch.compile the network (after DeepSpeed wraps it)."""
 
