@@ -1,5 +1,6 @@
 """ZeRO on CPU ranks: per-rank memory of parameters / gradients / optimizer state for stages 0-3, and
-the step-time overhead of a DeepSpeed ZeRO-2 step over a plain torch loop.
+the trainer's EMA bytes per rank at each stage (sharded under ZeRO-3), and the step-time overhead of
+a DeepSpeed ZeRO-2 step over a plain torch loop.
 
     python benchmarks/bench_zero.py memory     # one 2-rank deepspeed launch per stage, per-rank tensor memory
     python benchmarks/bench_zero.py overhead                   # one process: engine vs plain loop
@@ -23,8 +24,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from model_zoo.registry import build_model  # noqa: E402
-from trainer.config import DeepSpeedSection, zero_section  # noqa: E402
+from trainer.config import DeepSpeedSection, EMAConfig, zero_section  # noqa: E402
 from trainer.distributed import skip_cpu_shm_allreduce  # noqa: E402
+from trainer.training.ema import EMA, ShardedEMA  # noqa: E402
 
 
 def live_tensor_bytes(exclude: set) -> int:
@@ -106,8 +108,14 @@ def memory_one(args) -> None:
     gc.collect()
     after_step = live_tensor_bytes(inputs)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    # the trainer's EMA for this stage (ShardedEMA under ZeRO-3), after one update
+    shadow = build_model(args.model, num_classes=1000)
+    ema = ShardedEMA(shadow, EMAConfig(), args.micro * world, module.net) if args.stage == 3 else \
+        EMA(shadow, EMAConfig(), args.micro * world)
+    ema.copy_from(module.net)
+    ema.update(module.net, args.micro * world)
     print("MEM " + json.dumps({"rank": rank, "world": world, "params": params, "backward": after_backward,
-                               "step": after_step}), flush=True)
+                               "step": after_step, "ema": ema.tensor_bytes()}), flush=True)
     engine.destroy()
     dist.destroy_process_group()
 
@@ -135,12 +143,13 @@ def memory(args) -> None:
     print(f"model {args.model}, {first['params'] / 1e6:.1f}M parameters, fp32 weights, {args.ranks} CPU ranks, "
           f"micro-batch {args.micro}; MiB of live tensors per rank (max over ranks)")
     print("| ZeRO stage | after backward, step 2 (weights + grads + optimizer) | after step "
-          "| vs stage 0 (after backward) |")
-    print("|---|---|---|---|")
-    base = max(r["backward"] for r in rows[0])
+          "| vs stage 0 (after backward) | EMA (fp32) | EMA vs stage 0 |")
+    print("|---|---|---|---|---|---|")
+    base, ema_base = max(r["backward"] for r in rows[0]), max(r["ema"] for r in rows[0])
     for stage, ranks in rows.items():
-        bw, st = max(r["backward"] for r in ranks), max(r["step"] for r in ranks)
-        print(f"| {stage} | {bw / 2**20:.1f} | {st / 2**20:.1f} | {bw / base:.2f}x |")
+        bw, st, ema = (max(r[k] for r in ranks) for k in ("backward", "step", "ema"))
+        print(f"| {stage} | {bw / 2**20:.1f} | {st / 2**20:.1f} | {bw / base:.2f}x | {ema / 2**20:.1f} "
+              f"| {ema / ema_base:.2f}x |")
 
 
 def overhead(args) -> None:

@@ -87,3 +87,20 @@ def test_activation_checkpointing_inside_a_zero3_engine_gives_the_plain_gradient
         assert r["loss"] == plain["loss"], mode
         assert r["max_grad_diff"] < 1e-6, (mode, r["max_grad_diff"])
         assert r["backward_runs"] == r["blocks"] == r["forward_runs"], (mode, r)  # every block recomputed once
+
+
+def test_the_sharded_ema_equals_the_gathering_one_on_half_the_bytes(tmp_path):
+    """Under ZeRO-3 each rank averages its own partition: after 6 updates the whole average, however
+    it is assembled (gathered everywhere, to rank 0 for saving, materialised for sampling, reloaded
+    from a whole state), equals the EMA that gathers every parameter, bit for bit."""
+    out = tmp_path / "ema.json"
+    proc = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(free_port()), "--module", "ema_on_ranks", str(out)], Path(__file__).parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    for r in ranks:
+        assert r["moved_from_start"] > 1e-3  # the average really moved with training
+        assert r["everywhere"] == r["materialised"] == r["round_trip"] == 0.0, r
+        assert r["emptied_after_full"] and r["updates"] == [6, 6]
+        assert r["bytes"]["sharded"] <= 0.55 * r["bytes"]["gathering"], r["bytes"]
+    assert ranks[0]["saved"] == 0.0 and ranks[1]["saved_keys_elsewhere"] == 0

@@ -231,7 +231,7 @@ def test_a_stale_universal_copy_is_not_used_and_a_rewrite_removes_it(tmp_path):
             (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"")
 
     class Ema:
-        def state_dict(self):
+        def state_for_saving(self, rank):
             return {"w": torch.zeros(2)}
 
     Path(str(uni) + ".partial").mkdir()

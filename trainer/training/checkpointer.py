@@ -138,12 +138,13 @@ def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, reco
         for stale in (path + UNIVERSAL_SUFFIX, path + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX):
             shutil.rmtree(stale, ignore_errors=True)  # made from the old <tag>, no longer its state
     sync()
+    ema_state = ema.state_for_saving(rank)  # every rank: a sharded EMA is gathered to rank 0
     try:
         engine.save_checkpoint(root, tag=tag, save_latest=False)
         os.makedirs(path, exist_ok=True)
         write_text_atomic(os.path.join(path, f"data_rank{rank}.json"), json.dumps(data_state))
         if rank == 0:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(path, EMA_FILE))
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(path, EMA_FILE))
             write_record(path, record)
     except (OSError, RuntimeError) as err:
         why = storage_problem(err, root, last_bytes)

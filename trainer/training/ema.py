@@ -1,15 +1,18 @@
 """Exponential moving average of the network weights, correct under every ZeRO stage.
 
-The average lives in a separate float32 copy of the network (built outside zero.Init, so it is
-never partitioned). Under ZeRO-3 the live parameters are gathered one top-level child at a time
-for the update, which bounds the extra memory to the largest child.
+`EMA` keeps a whole float32 copy of the network on every rank (ZeRO stages 0-2). `ShardedEMA`
+(ZeRO-3) keeps on each rank the average of that rank's own partition of every parameter, updated
+from the partition without any gathering; the whole average exists only while it is needed
+(`full()`: sample grids, in-loop evaluation) and is gathered to rank 0 for checkpoints.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from contextlib import contextmanager
+from typing import Dict, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import EMAConfig
@@ -75,7 +78,108 @@ class EMA:
         """The averaged weights (float32, parameter names of the network)."""
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def state_for_saving(self, rank: int) -> Dict[str, torch.Tensor]:
+        """Called on every rank: the whole average on rank 0 (for the checkpoint), {} elsewhere."""
+        return self.state_dict() if rank == 0 else {}
+
+    @contextmanager
+    def full(self) -> Iterator[nn.Module]:
+        """The whole averaged network for sampling; enter it on every rank (a collective when sharded)."""
+        yield self.module
+
+    def tensor_bytes(self) -> int:
+        """Bytes this rank holds for the average."""
+        return sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
+
     def load_state_dict(self, state: Dict[str, torch.Tensor], updates: int) -> None:
         """Restore the average and its update count (which drives the warm-up)."""
         self.module.load_state_dict(state)
         self.updates = updates
+
+
+class ShardedEMA(EMA):
+    """The EMA under ZeRO-3: each rank averages its own partition of every parameter (DeepSpeed's
+    `param.ds_tensor`, the flattened parameter's [rank * n, (rank + 1) * n) slice, zero-padded at
+    the end), so an update reads no other rank's weights and each rank holds 1/world of the average.
+
+    The shadow network keeps its buffers; its parameters are empty except inside `full()`.
+    """
+
+    def __init__(self, shadow: nn.Module, cfg: EMAConfig, images_per_step: int, live: nn.Module):
+        super().__init__(shadow, cfg, images_per_step)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.shards = {name: p.ds_tensor.detach().float().clone() for name, p in live.named_parameters()}
+        self.shapes = {name: torch.Size(p.ds_shape) for name, p in live.named_parameters()}
+        for p in self.module.parameters():
+            p.data = torch.empty(0, device=p.device)
+
+    def _blend(self, live: nn.Module, decay: float) -> None:
+        for name, p in live.named_parameters():
+            shard = self.shards[name]
+            if decay == 0.0:
+                shard.copy_(p.ds_tensor.detach())
+            else:
+                shard.lerp_(p.ds_tensor.detach().float(), 1.0 - decay)
+
+    def _whole(self, name: str, shape: torch.Size, to_rank: int | None) -> torch.Tensor | None:
+        """The parameter's whole average, gathered from the shards (on `to_rank` only, or on all)."""
+        shard = self.shards[name]
+        if to_rank is None:
+            parts = [torch.empty_like(shard) for _ in range(self.world)]
+            dist.all_gather(parts, shard)
+        else:
+            parts = [torch.empty_like(shard) for _ in range(self.world)] if self.rank == to_rank else None
+            dist.gather(shard, parts, dst=to_rank)
+            if self.rank != to_rank:
+                return None
+        return torch.cat(parts)[:shape.numel()].view(shape)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The whole average on every rank (a collective; see state_for_saving for rank 0 only)."""
+        return self._gather(None)
+
+    def state_for_saving(self, rank: int) -> Dict[str, torch.Tensor]:
+        """Called on every rank: the whole average gathered to rank 0, {} elsewhere."""
+        return self._gather(0)
+
+    def _gather(self, to_rank: int | None) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, shape in self.shapes.items():
+            whole = self._whole(name, shape, to_rank)
+            if whole is not None:
+                out[name] = whole
+        if to_rank is None or self.rank == to_rank:
+            # the persistent buffers, as the whole network's state_dict holds them
+            out.update({k: v.detach().clone() for k, v in self.module.state_dict().items() if k not in self.shards})
+        return out
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor], updates: int) -> None:
+        """Restore this rank's shards (from a whole average, of any world size) and the count."""
+        for name, shard in self.shards.items():
+            flat = state[name].reshape(-1).to(shard.device, torch.float32)
+            size = shard.numel()
+            piece = flat[self.rank * size:(self.rank + 1) * size]
+            shard.zero_()
+            shard[:piece.numel()].copy_(piece)
+        buffers = dict(self.module.named_buffers())
+        for name, value in state.items():
+            if name in buffers:
+                buffers[name].copy_(value)
+        self.updates = updates
+
+    @contextmanager
+    def full(self) -> Iterator[nn.Module]:
+        """The whole average in the shadow network while inside (every rank gathers it)."""
+        params = dict(self.module.named_parameters())
+        try:
+            for name, shape in self.shapes.items():
+                params[name].data = self._whole(name, shape, None)
+            yield self.module
+        finally:
+            for p in params.values():
+                p.data = torch.empty(0, device=p.device)
+
+    def tensor_bytes(self) -> int:
+        """Bytes this rank holds for the average: its shards and the buffers."""
+        return sum(t.numel() * t.element_size() for t in self.shards.values()) + \
+            sum(b.numel() * b.element_size() for b in self.module.buffers())

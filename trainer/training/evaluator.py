@@ -130,8 +130,17 @@ class Evaluator:
     def run(self, state: RunState, phase: str, final: bool) -> Dict[str, float]:
         """Evaluate the EMA weights on every rank; rank 0 logs and appends the record. Returns the metrics."""
         start = time.perf_counter()
-        e, rank, world, device = self.cfg.eval, self.dist.rank, self.dist.world_size, self.dist.device
-        denoiser = self.cfg.diffusion.denoiser(self.ema.module)
+        rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
+        with self.ema.full() as net:  # under ZeRO-3 the average is gathered for the evaluation only
+            metrics = self._measure(self.cfg.diffusion.denoiser(net), rank, world, device)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        if rank == 0:
+            self._report(state, phase, final, metrics, seconds)
+        return metrics
+
+    def _measure(self, denoiser: nn.Module, rank: int, world: int, device: torch.device) -> Dict[str, float]:
+        e = self.cfg.eval
         metrics: Dict[str, float] = {}
         if self.val is not None:
             per_level = validation_loss(denoiser, self.val[0], self.val[1], e.val_sigmas, e.batch_size, rank, world,
@@ -149,10 +158,6 @@ class Evaluator:
             if "inception" in features:
                 metrics[guided("fid", scale)] = frechet_distance(*feature_stats(features["inception"]),
                                                                  *self.references["fid"])
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        if rank == 0:
-            self._report(state, phase, final, metrics, seconds)
         return metrics
 
     # ------------------------------------------------------------------------- reporting

@@ -18,7 +18,7 @@ from ..config.phases import MASKED
 from ..distributed import DistInfo
 from .checkpointer import Checkpointer, RunState, resume_target
 from .data import LatentLoader, build_latent_loader
-from .ema import EMA
+from .ema import EMA, ShardedEMA
 from .engine import build_engine, deepspeed_config, seed_step
 from .evaluator import Evaluator, build_evaluator
 from .monitor import Monitor, measure_peak_flops
@@ -65,7 +65,9 @@ class Trainer:
         beat("building the engine")
         self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank,
                                    cfg.model.compile)
-        self.ema = EMA(build_model(cfg.model.name, **kwargs).to(device), cfg.ema, d.batch_size)
+        shadow = build_model(cfg.model.name, **kwargs).to(device)
+        self.ema = ShardedEMA(shadow, cfg.ema, d.batch_size, self.engine.module.net) \
+            if cfg.deepspeed.zero_stage == 3 else EMA(shadow, cfg.ema, d.batch_size)
         self.ema.copy_from(self.engine.module.net)
         self.plan = cfg.phase_plan()
         self.flops = FlopsPerImage(cfg.model.name, kwargs)
@@ -105,9 +107,9 @@ class Trainer:
                 self.ema.step_done(step, self.engine.module.net, self.state.images_seen)
                 if self.monitor.due(step) or last:
                     self._log(phase)
-                if self.grids.due(step) and not last and rank == 0:
+                if self.grids.due(step) and not last:
                     self.beat(f"the sample grid at step {step}")
-                    self.grids.make(step)
+                    self._grid(step)
                 if self.checkpointer.due(step, phase, stopping or last):
                     self.beat(f"saving the checkpoint of step {step}")
                     self.checkpointer.save(self.state, phase.phase if phase.phase_end else None)
@@ -127,9 +129,8 @@ class Trainer:
             if self.state.step >= cfg.run.total_steps and self.evaluator.final_missing(self.state.step):
                 self.beat("the final evaluation")  # resumed at the end: the last attempt died before it
                 self.evaluator.run(self.state, self.plan.at(cfg.run.total_steps - 1).phase, final=True)
-            if rank == 0:
-                self.beat("the final sample grid")
-                self.grids.make(self.state.step)
+            self.beat("the final sample grid")
+            self._grid(self.state.step)
         finally:
             if batches is not None:
                 # Now, not when an exception's traceback lets go of it: closing the stream tells
@@ -138,6 +139,11 @@ class Trainer:
             self.monitor.close()
             self._release_engine()
         return self.state
+
+    def _grid(self, step: int) -> None:
+        with self.ema.full():  # every rank: under ZeRO-3 the average is gathered for it
+            if self.dist.rank == 0:
+                self.grids.make(step)
 
     def _release_engine(self) -> None:
         try:
