@@ -268,6 +268,15 @@ def kept_token_count(num_tokens: int, mask_ratio: float) -> int:
     return max(1, int(num_tokens * (1.0 - mask_ratio)))
 
 
+def canonical_mask_ratio(num_tokens: int, mask_ratio: float) -> float:
+    """One representative mask ratio per kept-token count: every ratio that keeps the same number
+    of tokens maps to the same float (0.0 for no masking). torch.compile guards on the float a
+    network is called with, so feeding it this compiles once per token count, not once per ratio."""
+    keep = kept_token_count(num_tokens, mask_ratio)
+    # the middle of the interval of ratios that keep `keep` tokens: int() cannot round it away
+    return 0.0 if keep == num_tokens else 1.0 - (keep + 0.5) / num_tokens
+
+
 def random_token_mask(
     batch: int, num_tokens: int, mask_ratio: float, device: torch.device, generator: Optional[torch.Generator] = None
 ) -> TokenMask:

@@ -65,6 +65,8 @@ def main(argv: list) -> int:
         saved = sharded.state_for_saving(rank)
         with sharded.full() as net:
             materialised = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        with sharded.full(to_rank=0) as net:
+            on_rank0 = None if net is None else {k: v.detach().clone() for k, v in net.state_dict().items()}
         emptied = all(p.numel() == 0 for p in sharded.module.parameters())
         reloaded = ShardedEMA(build_model("MaskDiT-S/2", **kwargs), ema_cfg, 8 * world, live)
         reloaded.load_state_dict(reference, updates=6)
@@ -74,6 +76,7 @@ def main(argv: list) -> int:
             "round_trip": largest_difference(reloaded.state_dict(), reference),
             "emptied_after_full": emptied, "saved_keys_elsewhere": len(saved) if rank else None,
             "moved_from_start": largest_difference(reference, start),
+            "to_rank0": None if on_rank0 is None else largest_difference(on_rank0, reference),
             "bytes": {"gathering": gathering.tensor_bytes(), "sharded": sharded.tensor_bytes()},
             "updates": [gathering.updates, sharded.updates],
         }

@@ -1,6 +1,7 @@
 """The phase plan: a pure step -> (mask ratio, lr scale, phase) function."""
 
 import math
+import re
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_periodic_window_cut_short_by_the_final_phase_ends_there():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_mask_ratio_schedules(schedule):
-    p = plan(total=101, mask_ratio=0.75, schedule=schedule, end_mask_ratio=0.25)
+    p = plan(total=101, mask_ratio=0.75, schedule=schedule, end_mask_ratio=0.25, schedule_levels=0)
     assert p.at(0).mask_ratio == pytest.approx(0.75)
     assert p.at(100).mask_ratio == pytest.approx(0.25)
     mid = p.at(50).mask_ratio
@@ -48,6 +49,12 @@ def test_mask_ratio_schedules(schedule):
     assert quarter == pytest.approx(expected)
     ratios = [p.at(s).mask_ratio for s in range(101)]
     assert all(a >= b for a, b in zip(ratios, ratios[1:]))
+    # in levels (the default, 8): a few distinct ratios, the nearest level of the continuous one
+    stepped = plan(total=101, mask_ratio=0.75, schedule=schedule, end_mask_ratio=0.25, schedule_levels=4)
+    levels = [stepped.at(s).mask_ratio for s in range(101)]
+    assert sorted(set(levels), reverse=True) == pytest.approx([0.75, 0.625, 0.5, 0.375, 0.25])
+    assert all(abs(a - b) <= 0.5 / 4 * 0.5 + 1e-12 for a, b in zip(levels, ratios))
+    assert all(a >= b for a, b in zip(levels, levels[1:]))
 
 
 def test_warmup_scales_every_phase():
@@ -108,3 +115,14 @@ def test_lr_schedule_from_the_config_and_its_checks():
         validate(config_from_dict({"data": {"shards": "x"}, "optim": {"lr": 1e-3, "min_lr": 1e-2}}), 1)
     with pytest.raises(ConfigError, match="optim.lr_schedule: 'step' is not one of constant, linear, cosine"):
         validate(config_from_dict({"data": {"shards": "x"}, "optim": {"lr_schedule": "step"}}), 1)
+
+
+def test_lr_line_stays_inside_the_plan_and_a_decay_needs_steps_after_the_warm_up():
+    from trainer.config import ConfigError, config_from_dict
+    from trainer.config.validation import validate
+
+    line = PhasePlan(PhasesConfig(mask_ratio=0.5), 10, 100).lr_line()
+    assert re.findall(r"(\d+): [\d.]+", line.split("factor at step ")[1]) == ["0", "9"]
+    with pytest.raises(ConfigError, match="optim.warmup_steps 10 leaves no step of run.total_steps 11 to decay over"):
+        validate(config_from_dict({"data": {"shards": "x"}, "run": {"total_steps": 11},
+                                   "optim": {"lr_schedule": "cosine", "warmup_steps": 10}}), 1)

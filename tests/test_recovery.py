@@ -23,6 +23,7 @@ def test_a_streak_rolls_back_until_the_rollbacks_are_used_up():
     with pytest.raises(Diverged) as hit:
         r.nonfinite(7, micro=1)
     assert (hit.value.step, hit.value.micro, hit.value.why) == (7, 1, "2 non-finite losses in a row in step 7")
+    assert hit.value.first_bad == 7
     r.rolled_back(5)
     assert (r.rollbacks, r.lr_cut_until, r.bad_in_a_row) == (1, 15, 0)
     assert [r.lr_scale(s) for s in (6, 15, 16)] == [0.25, 0.25, 1.0]
@@ -48,8 +49,10 @@ def test_a_spike_is_a_loss_far_above_the_phase_median_for_several_steps():
     r.step_loss(21, 5.0, "masked")  # one high step is not yet a spike
     r.step_loss(22, 1.0, "masked")  # and a normal one ends the run of high ones
     r.step_loss(23, 5.0, "masked")
-    with pytest.raises(Diverged, match=r"loss above 3 x its running median 1\.01 for 2 steps in a row \(step 24: 5\)"):
+    with pytest.raises(Diverged, match=r"loss above 3 x its running median 1\.01 for 2 steps in a row \(step 24: 5\)") \
+            as hit:
         r.step_loss(24, 5.0, "masked")
+    assert hit.value.first_bad == 23  # the rollback goes to a checkpoint from before the first high step
 
 
 def test_spikes_need_history_and_restart_with_each_phase():

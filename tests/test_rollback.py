@@ -66,6 +66,9 @@ def test_a_streak_rolls_back_skips_its_data_and_finishes(digits8, tmp_path):
         assert after_a[step] == pytest.approx(after_b[step], rel=1e-6, abs=1e-8), (step, after_a[step], after_b[step])
         assert math.isfinite(after_a[step])
 
+    # saved right after the rollback: a crash before step 10 resumes past it, not into the divergence
+    after = json.loads((root / "step00000006" / STATE_FILE).read_text())
+    assert (after["step"], after["rollbacks"], after["lr_cut_until"]) == (6, 1, 9)
     end = root / "step00000016"
     state = json.loads((end / STATE_FILE).read_text())
     assert (state["step"], state["images_seen"], state["rollbacks"], state["lr_cut_until"]) == (16, 16 * 32, 1, 9)
@@ -84,11 +87,13 @@ def test_a_streak_rolls_back_skips_its_data_and_finishes(digits8, tmp_path):
 
 
 def test_one_streak_more_than_allowed_stops_with_the_checkpoint_intact(digits8, tmp_path):
-    """max_rollbacks 1 and two streaks (one micro-step per step): the first (step 8) rolls back to
-    step 5; the second (step 15: calls 11-19 train steps 6-14) stops the run with status 3, and the
-    checkpoint of step 10, written after the rollback, is whole and records it."""
+    """max_rollbacks 1 and two streaks (one micro-step per step), at ZeRO-3 (its sharded EMA is
+    reloaded too): the first (step 8) rolls back to step 5; the second (step 15: calls 11-19 train
+    steps 6-14) stops the run with status 3, and the checkpoint of step 10, written after the
+    rollback, is whole and records it."""
     cfg = _config(digits8, str(tmp_path / "r"), max_nonfinite=3, max_rollbacks=1)
     cfg["data"]["batch_size"] = 16
+    cfg["deepspeed"] = {"zero_stage": 3, "precision": "fp32"}
     config = write_config(cfg, tmp_path / "c.yaml")
     proc = run(deepspeed_command(config, free_port()), tmp_path,
                extra_env={"MDT_FAULTS": "nan:calls=8,9,10,20,21,22:rank=1"})
@@ -108,5 +113,5 @@ def test_without_a_checkpoint_to_go_back_to_the_run_stops(digits8, tmp_path):
     proc = run(deepspeed_command(write_config(cfg, tmp_path / "c.yaml"), free_port()), tmp_path,
                extra_env={"MDT_FAULTS": "nan:calls=3,4"})
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"stopped: 2 non-finite losses in a row in step 3: no checkpoint to roll back to yet "
-                     r"\(checkpoint\.every 5\); stopping", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"stopped: 2 non-finite losses in a row in step 3: no checkpoint from before step 3 to roll "
+                     r"back to \(checkpoint\.every 5\); stopping", proc.stderr), proc.stderr[-3000:]

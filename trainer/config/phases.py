@@ -77,6 +77,8 @@ class PhasePlan:
         if c.schedule not in MASK_SCHEDULES:
             raise ValueError(f"phases.schedule: unknown schedule {c.schedule!r}")
         w = MASK_SCHEDULES[c.schedule](min(1.0, step / max(1, self.masked_end - 1)))
+        if c.schedule_levels:  # a few distinct ratios: a compiled network recompiles per token count
+            w = round(w * c.schedule_levels) / c.schedule_levels
         return c.mask_ratio + (c.end_mask_ratio - c.mask_ratio) * w
 
     def lr_factor(self, step: int) -> float:
@@ -143,6 +145,6 @@ class PhasePlan:
         shape = "constant" if self.lr_schedule == "constant" else \
             f"{self.lr_schedule} decay to x{self.min_lr_ratio:g} at the last step"
         last = self.total_steps - 1
-        steps = sorted({0, min(self.warmup_steps, last), (self.warmup_steps + last) // 2, last})
+        steps = sorted({0, min(self.warmup_steps, last), min((self.warmup_steps + last) // 2, last), last})
         at = ", ".join(f"{s}: {self.lr_factor(s):.3g}" for s in steps)
         return f"lr schedule: {warm}{shape} (x phase scale; factor at step {at})"

@@ -71,7 +71,11 @@ class ModelConfig:
     """With fairscale checkpointing: keep block inputs on the CPU (the only mode that can; see
     model_zoo.checkpointing for why DeepSpeed's cpu_checkpointing cannot serve these networks)."""
     compile: bool = False
-    """torch.compile the network (after DeepSpeed wraps it)."""
+    """torch.compile the network (after DeepSpeed wraps it). It compiles once per kept-token count
+    (each phase's mask ratio, or each of phases.schedule_levels levels of a schedule); the progress
+    output says when it compiles."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend (aot_eager or eager trace without generating kernels: for checks)."""
 
 
 @dataclass
@@ -162,6 +166,10 @@ class PhasesConfig:
     """Shape of the way from mask_ratio to end_mask_ratio over the masked steps."""
     end_mask_ratio: Optional[float] = None
     """Mask ratio reached at the end of the masked steps (linear / cosine)."""
+    schedule_levels: int = 8
+    """A schedule moves the mask ratio in this many equal steps from mask_ratio to end_mask_ratio,
+    so a compiled model meets a few token counts (at most levels + 1, plus 0 for unmask tuning);
+    0: a new ratio every step."""
     unmask_every: int = 0
     """Every this many steps start a periodic unmask-tuning phase (0: never)."""
     unmask_steps: int = 0

@@ -65,6 +65,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if cfg.model.name in MODELS and not MODELS[cfg.model.name].can_mask:
         _check(p.mask_ratio == 0 and not p.end_mask_ratio,
                f"phases.mask_ratio must be 0 for {cfg.model.name} (only MaskDiT models mask tokens)")
+    _check(p.schedule_levels >= 0, f"phases.schedule_levels must be >= 0 (0: continuous), got {p.schedule_levels}")
     _check(p.unmask_every >= 0 and p.unmask_steps >= 0 and p.final_unmask_steps >= 0,
            "phases.unmask_every, unmask_steps and final_unmask_steps must be >= 0")
     _check(p.unmask_every == 0 or p.unmask_steps < p.unmask_every,
@@ -83,6 +84,9 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _check(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1,
            "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
     _check(cfg.optim.lr > 0 and cfg.optim.warmup_steps >= 0, "optim.lr must be > 0 and optim.warmup_steps >= 0")
+    _check(cfg.optim.lr_schedule == "constant" or cfg.optim.warmup_steps < cfg.run.total_steps - 1,
+           f"optim.lr_schedule: {cfg.optim.lr_schedule} decays after the warm-up, but optim.warmup_steps "
+           f"{cfg.optim.warmup_steps} leaves no step of run.total_steps {cfg.run.total_steps} to decay over")
     _check(0.0 <= cfg.optim.min_lr <= cfg.optim.lr,
            f"optim.min_lr must be in [0, optim.lr {cfg.optim.lr:g}], got {cfg.optim.min_lr:g}")
     _check(not (cfg.diffusion.sigma_sampler.endswith(ZERO_SNR_SUFFIX) and cfg.diffusion.preconditioning == "vp_eps"),

@@ -26,8 +26,10 @@ from ..checkpoints import (
     UNIVERSAL_SUFFIX,
     CheckpointError,
     CheckpointRecord,
+    complete_tags,
     find_resume,
     for_world_size,
+    is_universal,
     make_tag,
     read_record,
     rotate,
@@ -126,8 +128,9 @@ def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, reco
                     last_bytes: Optional[int] = None) -> str:
     """Write a checkpoint; must be called on every rank. Returns the checkpoint directory.
 
-    Order: DeepSpeed's shards and each rank's data position, then (rank 0) the EMA and the record,
-    then COMPLETE and `latest`: a checkpoint without COMPLETE is never resumed from. A write that
+    Order: the EMA gathered to rank 0 (sharded under ZeRO-3), DeepSpeed's shards and each rank's
+    data position, then (rank 0) the EMA file and the record, then COMPLETE and `latest`: a
+    checkpoint without COMPLETE is never resumed from. A write that
     fails for want of storage raises SaveFailed naming the directory, the OS error and (full disk)
     the free space and `last_bytes`, the last checkpoint's size, after removing the partial tag.
     """
@@ -165,6 +168,9 @@ def load_checkpoint(engine: DeepSpeedEngine, ema: EMA, path: str, rank: int
                     ) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]]]:
     """Restore engine (model + optimizer) and EMA; returns the record and this rank's data position."""
     root, tag = os.path.split(os.path.normpath(path))
+    # The engine's config says once, at build time, whether it loads universal checkpoints; a run
+    # resumed from a universal copy and later rolled back to its own checkpoint needs the other way.
+    engine._config.load_universal_checkpoint = is_universal(path)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
@@ -303,13 +309,17 @@ class Checkpointer:
             print(f"saved checkpoint {path}", flush=True)
         return path
 
-    def latest(self) -> Optional[str]:
-        """The newest complete checkpoint of this run that this world can load (for a rollback)."""
+    def latest_before(self, step: int) -> Optional[str]:
+        """The newest complete checkpoint of this run from before `step` (1-based) that this world
+        can load: where a rollback goes when the trouble began in `step`."""
         try:
-            found = find_resume(self.root, "auto")
-            return found and for_world_size(found, self.world_size)
+            for tag in reversed(complete_tags(self.root)):
+                path = os.path.join(self.root, tag)
+                if read_record(path).step < step:
+                    return for_world_size(path, self.world_size)
         except CheckpointError as err:
             raise RunStopped(str(err)) from None
+        return None
 
     def _load_checked(self, path: str) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]], bool]:
         """Load a checkpoint on every rank and check the weights against the saved checksums:

@@ -9,7 +9,7 @@ from the partition without any gathering; the whole average exists only while it
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -83,9 +83,11 @@ class EMA:
         return self.state_dict() if rank == 0 else {}
 
     @contextmanager
-    def full(self) -> Iterator[nn.Module]:
-        """The whole averaged network for sampling; enter it on every rank (a collective when sharded)."""
-        yield self.module
+    def full(self, to_rank: Optional[int] = None) -> Iterator[Optional[nn.Module]]:
+        """The whole averaged network for sampling, on every rank or on `to_rank` only (None
+        elsewhere); enter it on every rank (a collective when sharded)."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        yield self.module if to_rank is None or rank == to_rank else None
 
     def tensor_bytes(self) -> int:
         """Bytes this rank holds for the average."""
@@ -168,13 +170,17 @@ class ShardedEMA(EMA):
         self.updates = updates
 
     @contextmanager
-    def full(self) -> Iterator[nn.Module]:
-        """The whole average in the shadow network while inside (every rank gathers it)."""
+    def full(self, to_rank: Optional[int] = None) -> Iterator[Optional[nn.Module]]:
+        """The whole average in the shadow network while inside, on every rank or on `to_rank`
+        only (None elsewhere: its shards are sent, nothing is held)."""
         params = dict(self.module.named_parameters())
+        here = to_rank is None or self.rank == to_rank
         try:
             for name, shape in self.shapes.items():
-                params[name].data = self._whole(name, shape, None)
-            yield self.module
+                whole = self._whole(name, shape, to_rank)
+                if here:
+                    params[name].data = whole
+            yield self.module if here else None
         finally:
             for p in params.values():
                 p.data = torch.empty(0, device=p.device)

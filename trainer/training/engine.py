@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import deepspeed
 import numpy as np
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
@@ -23,8 +24,19 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
     return to_deepspeed_json(cfg, world_size, accelerator_name())
 
 
+COMPILE_CACHE_LIMIT = 16
+"""torch.compile's recompile limit for the network: dynamo runs a frame eagerly once it has been
+compiled more often than its limit (8 by default), which a schedule's levels plus unmask tuning
+can reach."""
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (a host-side counter, no sync)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[str, Any], rank: int,
-                 compile_model: bool = False) -> deepspeed.DeepSpeedEngine:
+                 compile_model: bool = False, compile_backend: str = "inductor") -> deepspeed.DeepSpeedEngine:
     """Build the module (under zero.Init for ZeRO-3) and wrap it in a DeepSpeed engine.
 
     Under zero.Init every parameter is partitioned as soon as its module is built, so the model's
@@ -42,7 +54,8 @@ def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[st
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
                                            config=ds_config)
     if compile_model:
-        engine.compile()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_CACHE_LIMIT)
+        engine.compile(backend=compile_backend)
     return engine
 
 

@@ -25,12 +25,15 @@ SPIKE_MIN_HISTORY = 20
 
 class Diverged(Exception):
     """Raised inside a step on every rank alike (the flags that decide it are all-reduced): roll
-    back. `micro` is the number of micro-steps of the failing step that already ran backward (their
+    back to a checkpoint from before step `first_bad`, where the trouble began (a spike is called
+    only after several high steps, and a checkpoint saved among them is already off course).
+    `micro` is the number of micro-steps of the failing step that already ran backward (their
     gradients sit in the engine's accumulation buffers)."""
 
-    def __init__(self, why: str, step: int, micro: int = 0):
+    def __init__(self, why: str, step: int, micro: int = 0, first_bad: int | None = None):
         super().__init__(why)
         self.why, self.step, self.micro = why, step, micro
+        self.first_bad = step if first_bad is None else first_bad
 
 
 class Recovery:
@@ -79,15 +82,15 @@ class Recovery:
             self._high_in_a_row += 1  # a spike stays out of the median it is measured against
             if self._high_in_a_row >= self.cfg.spike_steps:
                 self.trouble(f"loss above {factor:g} x its running median {median:.4g} for {self._high_in_a_row} "
-                             f"steps in a row (step {step}: {loss:.4g})", step, 0)
+                             f"steps in a row (step {step}: {loss:.4g})", step, 0, step - self._high_in_a_row + 1)
             return
         self._high_in_a_row = 0
         self._losses.append(loss)
 
-    def trouble(self, why: str, step: int, micro: int) -> None:
+    def trouble(self, why: str, step: int, micro: int, first_bad: int | None = None) -> None:
         """Roll back (raise Diverged) while the policy allows it, else stop (raise RunStopped)."""
         if self.cfg.on_nonfinite == "rollback" and self.rollbacks < self.cfg.max_rollbacks:
-            raise Diverged(why, step, micro)
+            raise Diverged(why, step, micro, first_bad)
         after = f" after {self.rollbacks} rollback{'s' * (self.rollbacks != 1)}" \
             if self.cfg.on_nonfinite == "rollback" else ""
         raise RunStopped(f"{why}: stopping{after}; the last good checkpoint in {self.root} is intact (lower optim.lr "

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from model_zoo.flops import FlopsPerImage
+from model_zoo.layers import canonical_mask_ratio, kept_token_count
 from model_zoo.registry import build_model
 
 from ..checkpoints import is_universal
@@ -19,7 +20,7 @@ from ..distributed import DistInfo
 from .checkpointer import Checkpointer, RunState, resume_target
 from .data import LatentLoader, build_latent_loader
 from .ema import EMA, ShardedEMA
-from .engine import build_engine, deepspeed_config, seed_step
+from .engine import build_engine, compiled_graphs, deepspeed_config, seed_step
 from .evaluator import Evaluator, build_evaluator
 from .monitor import Monitor, measure_peak_flops
 from .previews import SampleGrids
@@ -64,7 +65,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         beat("building the engine")
         self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank,
-                                   cfg.model.compile)
+                                   cfg.model.compile, cfg.model.compile_backend)
+        self.num_tokens = self.engine.module.net.num_tokens
+        self._graphs = compiled_graphs()
         shadow = build_model(cfg.model.name, **kwargs).to(device)
         self.ema = ShardedEMA(shadow, cfg.ema, d.batch_size, self.engine.module.net) \
             if cfg.deepspeed.zero_stage == 3 else EMA(shadow, cfg.ema, d.batch_size)
@@ -81,6 +84,7 @@ class Trainer:
         self.evaluator: Evaluator | None = None  # built after resume (it drops records of a lost attempt)
         self.state = RunState()
         self.recovery = Recovery(cfg.monitor, self.checkpointer.root)
+        self._save_soon = False  # a save after the next step (set by a rollback)
         self._mark = time.perf_counter()  # training time counts from here; saves and evaluations do not
 
     def train(self) -> RunState:
@@ -110,7 +114,8 @@ class Trainer:
                 if self.grids.due(step) and not last:
                     self.beat(f"the sample grid at step {step}")
                     self._grid(step)
-                if self.checkpointer.due(step, phase, stopping or last):
+                if self.checkpointer.due(step, phase, stopping or last or self._save_soon):
+                    self._save_soon = False
                     self.beat(f"saving the checkpoint of step {step}")
                     self.checkpointer.save(self.state, phase.phase if phase.phase_end else None)
                 if self.evaluator.due(step, phase, last):
@@ -141,8 +146,8 @@ class Trainer:
         return self.state
 
     def _grid(self, step: int) -> None:
-        with self.ema.full():  # every rank: under ZeRO-3 the average is gathered for it
-            if self.dist.rank == 0:
+        with self.ema.full(to_rank=0) as net:  # every rank: under ZeRO-3 the shards go to rank 0
+            if net is not None:
                 self.grids.make(step)
 
     def _release_engine(self) -> None:
@@ -174,6 +179,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self._lr(phase)
         micro, attempt, data_wait, stopping, time_up, loss_sum = 0, 0, 0.0, False, False, 0.0
+        ratio = canonical_mask_ratio(self.num_tokens, phase.mask_ratio)  # same float for the same token count
         limit = cfg.run.time_limit_s
         over = bool(limit) and rank == 0 and self.state.train_seconds + time.perf_counter() - self._mark >= limit
         while micro < cfg.accumulation_steps(world):
@@ -183,7 +189,7 @@ class Trainer:
             z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
             seed_step(cfg.run.seed, rank, self.state.step, attempt, self.recovery.rollbacks)
             attempt += 1
-            out = self.engine(z, y, phase.mask_ratio)
+            out = self.engine(z, y, ratio)
             loss = out.loss.mean()
             flags = torch.cat([(~torch.isfinite(loss)).float().reshape(1),
                                torch.tensor([float(self.stop.requested), float(over)], device=device),
@@ -204,7 +210,17 @@ class Trainer:
             loss_sum += largest_loss
             micro += 1
         self.recovery.step_loss(self.state.step + 1, loss_sum / micro, phase.phase)
+        if self.cfg.model.compile:
+            self._note_compiles(phase, ratio)
         return stopping, time_up, data_wait
+
+    def _note_compiles(self, phase: PhaseState, ratio: float) -> None:
+        graphs = compiled_graphs()
+        if graphs != self._graphs and self.dist.rank == 0:
+            kept = kept_token_count(self.num_tokens, ratio)
+            print(f"torch.compile: {graphs} graphs after step {self.state.step + 1} (new: mask ratio "
+                  f"{phase.mask_ratio:g}, {kept} of {self.num_tokens} tokens kept)", flush=True)
+        self._graphs = graphs
 
     def _lr(self, phase: PhaseState) -> float:
         return self.cfg.optim.lr * phase.lr_scale * self.recovery.lr_scale(self.state.step + 1)
@@ -224,10 +240,10 @@ class Trainer:
         stays counted (train_flops, train_seconds); steps and images are the checkpoint's."""
         spent_flops = self.state.train_flops
         spent_seconds = self.state.train_seconds + time.perf_counter() - self._mark
-        path = self.checkpointer.latest()
+        path = self.checkpointer.latest_before(trouble.first_bad)
         if path is None:
-            raise RunStopped(f"{trouble.why}: no checkpoint to roll back to yet (checkpoint.every "
-                             f"{self.cfg.checkpoint.every}); stopping")
+            raise RunStopped(f"{trouble.why}: no checkpoint from before step {trouble.first_bad} to roll back to "
+                             f"(checkpoint.every {self.cfg.checkpoint.every}); stopping")
         self.beat(f"rolling back to {path}")
         state = self.checkpointer.reload(path)
         if trouble.micro:
@@ -243,6 +259,9 @@ class Trainer:
         state.rollbacks, state.lr_cut_until = self.recovery.rollbacks, self.recovery.lr_cut_until
         self.evaluator.rewind(state.step)
         self.monitor.drop_window()
+        # Saved after the next step: a crash before the next regular save then resumes past the
+        # rollback (its count, lowered lr, data position and seeds), not into the divergence again.
+        self._save_soon = True
         if self.dist.rank == 0:
             line = (f"rollback {state.rollbacks} of {self.cfg.monitor.max_rollbacks}: {trouble.why}; reloaded {path} "
                     f"(step {state.step}); the data of steps {state.step + 1}-{trouble.step} are skipped; lr x"
@@ -258,8 +277,9 @@ class Trainer:
         for micro in range(done, self.cfg.accumulation_steps(self.dist.world_size)):
             z, y = next(batches)
             seed_step(self.cfg.run.seed, self.dist.rank, self.state.step, micro, self.recovery.rollbacks + 1)
-            out = self.engine(z.to(self.dist.device), y.to(self.dist.device), phase.mask_ratio)
-            self.engine.backward(out.loss.mean() * 0.0)
+            out = self.engine(z.to(self.dist.device), y.to(self.dist.device),
+                              canonical_mask_ratio(self.num_tokens, phase.mask_ratio))
+            self.engine.backward(torch.nan_to_num(out.loss.mean()) * 0.0)
             self.engine.step()
 
     def _account(self, phase: PhaseState, data_wait: float) -> None:
