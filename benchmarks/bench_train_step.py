@@ -6,11 +6,17 @@ of every model over the first one. Models are timed in interleaved rounds so tha
 machine's speed hits all of them alike.
 
     python benchmarks/bench_train_step.py --models DiT-S/2 MaskDiT-S/2 --batch 8
+    python benchmarks/bench_train_step.py --models DiT-XL/2 MaskDiT-XL/2 --batch 256 --fit-batch --compile both
+
+The device is torch's current accelerator when there is one (else the CPU), found through
+torch.accelerator: no device type is named here. --fit-batch halves a model's batch until a step
+fits in the accelerator's memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections import Counter
@@ -23,16 +29,32 @@ from model_zoo.flops import count_flops
 from model_zoo.registry import build_model
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 8) -> float:
+def pick_device(name: str = "auto") -> torch.device:
+    """torch's current accelerator (cuda, xpu, mps, ...) when there is one, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on an accelerator are asynchronous)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 4096, repeats: int = 8, device: torch.device = torch.device("cpu")
+                ) -> float:
     """Best observed FLOP/s of a square matmul: the practical peak MFU is measured against."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -56,20 +78,22 @@ class _MatmulRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def matmul_floor(calls: Counter, repeats: int = 3) -> float:
+def matmul_floor(calls: Counter, repeats: int = 3, device: torch.device = torch.device("cpu")) -> float:
     """Seconds the step's matmuls take when run alone with the same shapes, strides and dtypes.
 
     Nothing else in the step is free, so flops / (this time) bounds the MFU the step can reach.
     """
     total = 0.0
     for (func, spec), count in calls.items():
-        args = [torch.empty_strided(a[0], a[1], dtype=a[2]).normal_() if isinstance(a, tuple) else a
+        args = [torch.empty_strided(a[0], a[1], dtype=a[2], device=device).normal_() if isinstance(a, tuple) else a
                 for a in spec]
         func(*args)
         best = float("inf")
         for _ in range(repeats):
+            sync(device)
             start = time.perf_counter()
             func(*args)
+            sync(device)
             best = min(best, time.perf_counter() - start)
         total += best * count
     return total
@@ -79,18 +103,19 @@ class StepRunner:
     """One model, its optimiser and a fixed batch; step() runs one full training step."""
 
     def __init__(self, name: str, batch: int, input_size: int, mask_ratio: float, dtype: torch.dtype,
-                 compile_model: bool = False):
+                 compile_model: bool = False, device: torch.device = torch.device("cpu"), skip: bool = False):
         self.base_name = name
-        self.name = name + (" compiled" if compile_model else "")
-        self.model = build_model(name, input_size=input_size, num_classes=1000)
+        self.name = name + (" skip" if skip else "") + (" compiled" if compile_model else "")
+        self.device, self.batch = device, batch
+        self.model = build_model(name, input_size=input_size, num_classes=1000, skip=skip).to(device)
         self.mask_ratio = mask_ratio if name.startswith("MaskDiT") else 0.0
         # fused: one kernel over all parameters (the trainer's torch_adam path uses it too)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
         c = self.model.in_channels
-        self.x = torch.randn(batch, c, input_size, input_size)
-        self.t = torch.rand(batch)
-        self.y = torch.randint(0, 1000, (batch,))
-        self.autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.x = torch.randn(batch, c, input_size, input_size, device=device)
+        self.t = torch.rand(batch, device=device)
+        self.y = torch.randint(0, 1000, (batch,), device=device)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         self.flops = count_flops(self.model, batch, self.mask_ratio, backward=True)
         # Inductor fuses the elementwise tails (GELU, modulation, LayerNorm casts) into C++ loops.
         self.forward = torch.compile(self.model) if compile_model else self.model
@@ -114,14 +139,34 @@ class StepRunner:
                 self.step()
         finally:
             self.forward = compiled
-        return matmul_floor(recorder.calls)
+        return matmul_floor(recorder.calls, device=self.device)
 
     def timed(self, steps: int) -> None:
         """Time `steps` steps and record the mean step time of this round."""
+        sync(self.device)
         start = time.perf_counter()
         for _ in range(steps):
             self.step()
+        sync(self.device)
         self.times.append((time.perf_counter() - start) / steps)
+
+
+def fitted_runner(name: str, batch: int, fit: bool, **kwargs) -> StepRunner:
+    """A runner at `batch`, or (fit) at the largest of batch, batch/2, ... whose step (with its
+    compile) fits in the device's memory."""
+    while True:
+        try:
+            runner = StepRunner(name, batch, **kwargs)
+            runner.timed(2)  # warm-up: allocator, kernel selection, compile
+            runner.times.clear()
+            return runner
+        except torch.OutOfMemoryError:
+            if not fit or batch == 1:
+                raise
+            runner = None
+            gc.collect()
+            torch.accelerator.empty_cache() if torch.accelerator.is_available() else None
+            batch //= 2
 
 
 def main() -> None:
@@ -134,6 +179,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="auto", help="auto: torch's current accelerator, else cpu")
+    parser.add_argument("--fit-batch", action="store_true", help="halve a model's batch until its step fits")
+    parser.add_argument("--skip", action="store_true", help="build the models with Skip-DiT skip branches")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="no",
                         help="torch.compile the models (both: eager and compiled side by side)")
     args = parser.parse_args()
@@ -141,38 +189,37 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    peak = matmul_peak(dtype)
+    device = pick_device(args.device)
+    peak = matmul_peak(dtype, device=device)
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    runners = [StepRunner(n, args.batch, args.input_size, args.mask_ratio, dtype, c)
+    runners = [fitted_runner(n, args.batch, args.fit_batch, input_size=args.input_size, mask_ratio=args.mask_ratio,
+                             dtype=dtype, compile_model=c, device=device, skip=args.skip)
                for c in modes for n in args.models]
-    for r in runners:  # warm-up: allocator, oneDNN kernel selection
-        r.timed(2)
-        r.times.clear()
     floors: dict = {}
     for _ in range(args.rounds):
         for r in runners:
             r.timed(args.steps)
         # This VM's speed drifts (shared host): sample the peak and the matmul floors in every
         # round and keep the best of each, like the step times' median.
-        peak = max(peak, matmul_peak(dtype, repeats=3))
+        peak = max(peak, matmul_peak(dtype, repeats=3, device=device))
         for r in {r.base_name: r for r in runners}.values():  # eager and compiled issue the same matmuls
             floors[r.base_name] = min(floors.get(r.base_name, float("inf")), r.matmul_floor())
 
-    print(f"threads={args.threads} dtype={args.dtype} batch={args.batch} latent=4x{args.input_size}x{args.input_size} "
+    print(f"device={device} threads={args.threads} dtype={args.dtype} latent=4x{args.input_size}x{args.input_size} "
           f"mask_ratio={args.mask_ratio} rounds={args.rounds}x{args.steps} steps")
     print(f"measured {args.dtype} matmul peak: {peak / 1e12:.3f} TFLOP/s")
-    header = (f"| {'model':<23} | step ms (median) | img/s | GFLOP/step | TFLOP/s | MFU "
-              f"| speed-up vs {runners[0].name} "
+    header = (f"| {'model':<23} | batch | step ms (median) | img/s | GFLOP/step | TFLOP/s | MFU "
+              f"| img/s vs {runners[0].name} "
               f"| matmul-only ms | MFU ceiling |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    base = statistics.median(runners[0].times)
+    base = runners[0].batch / statistics.median(runners[0].times)  # images/s: batches may differ (--fit-batch)
     for r in runners:
         t = statistics.median(r.times)
         achieved = r.flops / t
         label = r.name + (f" r={r.mask_ratio}" if r.mask_ratio else "")
-        print(f"| {label:<23} | {t * 1e3:16.1f} | {args.batch / t:5.1f} | {r.flops / 1e9:10.1f} | "
-              f"{achieved / 1e12:7.3f} | {achieved / peak:4.0%} | {base / t:.2f}x "
+        print(f"| {label:<23} | {r.batch:5d} | {t * 1e3:16.1f} | {r.batch / t:5.1f} | {r.flops / 1e9:10.1f} | "
+              f"{achieved / 1e12:7.3f} | {achieved / peak:4.0%} | {r.batch / t / base:.2f}x "
               f"| {floors[r.base_name] * 1e3:14.1f} | {r.flops / floors[r.base_name] / peak:11.0%} |")
     print("matmul-only: the step's matmuls (same shapes, strides, dtypes) run alone; MFU ceiling: the MFU "
           "if everything else in the step took no time")
