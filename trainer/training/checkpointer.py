@@ -170,7 +170,9 @@ def load_checkpoint(engine: DeepSpeedEngine, ema: EMA, path: str, rank: int
     root, tag = os.path.split(os.path.normpath(path))
     # The engine's config says once, at build time, whether it loads universal checkpoints; a run
     # resumed from a universal copy and later rolled back to its own checkpoint needs the other way.
-    engine._config.load_universal_checkpoint = is_universal(path)
+    config = getattr(engine, "_config", None)
+    if config is not None:
+        config.load_universal_checkpoint = is_universal(path)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
