@@ -1,7 +1,8 @@
 """Recovery without a person (`monitor.on_nonfinite: rollback`) in real 2-rank runs with data
 workers: a streak of non-finite losses reloads the last checkpoint on every rank, skips the data
 that led there, trains on at a lowered learning rate, and finishes; one more streak than
-`monitor.max_rollbacks` allows stops the run with its checkpoint intact."""
+`monitor.max_rollbacks` allows stops the run with its checkpoint intact; without a checkpoint from
+before the trouble the run stops too."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE
+from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE, CheckpointRecord, make_tag, write_record
+from trainer.training.checkpointer import checkpoint_before
+from trainer.training.stop import RunStopped
 
 from launcher import STEP_LINE, deepspeed_command, free_port, losses, run, tiny_config, write_config
 
@@ -105,6 +108,30 @@ def test_one_streak_more_than_allowed_stops_with_the_checkpoint_intact(digits8, 
     assert (root / LATEST).read_text() == "step00000010" and (root / "step00000010" / COMPLETE).exists()
     state = json.loads((root / "step00000010" / STATE_FILE).read_text())
     assert (state["step"], state["rollbacks"], state["nonfinite_skipped"]) == (10, 1, 3)
+
+
+def test_a_rollback_goes_to_the_newest_checkpoint_from_before_the_trouble(tmp_path):
+    """Complete checkpoints at steps 5 and 10 (and an incomplete one at 15): trouble that began in
+    step 11 goes back to 10, in step 10 (a spike whose first high step was 10: the checkpoint of
+    step 10 was saved after it) to 5, before step 6 nowhere."""
+    root = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (10, True), (15, False)):
+        path = root / make_tag(step)
+        path.mkdir(parents=True)
+        write_record(str(path), CheckpointRecord(step=step, images_seen=16 * step, world_size=2, model_name="m",
+                                                 model_kwargs={}, config={}))
+        if complete:
+            (path / COMPLETE).write_text("")
+    assert checkpoint_before(str(root), 16, 2) == str(root / "step00000010")
+    assert checkpoint_before(str(root), 11, 2) == str(root / "step00000010")
+    assert checkpoint_before(str(root), 10, 2) == str(root / "step00000005")
+    assert checkpoint_before(str(root), 5, 2) is None
+    assert checkpoint_before(str(tmp_path / "none"), 5, 2) is None
+    # the run's own checkpoints, written by 2 ranks with partitioned optimizer state, on 1 rank:
+    # a one-line stop naming the command that makes them loadable
+    (root / "step00000010" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(RunStopped, match="run `mdt-universal"):
+        checkpoint_before(str(root), 11, 1)
 
 
 def test_without_a_checkpoint_to_go_back_to_the_run_stops(digits8, tmp_path):

@@ -128,7 +128,7 @@ def test_config_rejects_a_negative_timeout():
 def test_a_frozen_rank_ends_the_job_with_the_last_checkpoint_intact(digits8, tmp_path):
     """SIGSTOP rank 1 mid-run (a frozen node): rank 0 waits in a collective, its watchdog ends it
     with status 4, the launcher ends the job, and the newest complete checkpoint is resumable."""
-    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 2000, "stall_timeout_s": 30},
+    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 2000, "stall_timeout_s": 15},
                       monitor={"log_every": 50, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 4})
     log = tmp_path / "run.log"
     proc = start(deepspeed_command(write_config(cfg, tmp_path / "c.yaml"), free_port()), tmp_path, log)

@@ -257,6 +257,20 @@ def resume_data_state(record: CheckpointRecord, data: Optional[Dict[str, Any]], 
 # ----------------------------------------------------------------------------- the run's checkpointer
 
 
+def checkpoint_before(root: str, step: int, world_size: int) -> Optional[str]:
+    """The newest complete checkpoint under `root` saved after fewer than `step` (1-based) steps,
+    as world_size ranks load it (its universal copy when the world size changed), or None;
+    RunStopped with the reason when it cannot be used."""
+    try:
+        for tag in reversed(complete_tags(root)):
+            path = os.path.join(root, tag)
+            if read_record(path).step < step:
+                return for_world_size(path, world_size)
+    except CheckpointError as err:
+        raise RunStopped(str(err)) from None
+    return None
+
+
 def resume_target(cfg: TrainConfig, world_size: int) -> Optional[str]:
     """The checkpoint this run resumes from (checkpoint.resume; the universal copy when the world
     size changed), or None; RunStopped with the reason when it cannot be used."""
@@ -312,16 +326,8 @@ class Checkpointer:
         return path
 
     def latest_before(self, step: int) -> Optional[str]:
-        """The newest complete checkpoint of this run from before `step` (1-based) that this world
-        can load: where a rollback goes when the trouble began in `step`."""
-        try:
-            for tag in reversed(complete_tags(self.root)):
-                path = os.path.join(self.root, tag)
-                if read_record(path).step < step:
-                    return for_world_size(path, self.world_size)
-        except CheckpointError as err:
-            raise RunStopped(str(err)) from None
-        return None
+        """Where a rollback goes when the trouble began in `step`: see checkpoint_before."""
+        return checkpoint_before(self.root, step, self.world_size)
 
     def _load_checked(self, path: str) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]], bool]:
         """Load a checkpoint on every rank and check the weights against the saved checksums:
