@@ -23,9 +23,10 @@ from collections import Counter
 from contextlib import nullcontext
 
 import torch
+import torch._dynamo
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model_zoo.flops import count_flops
+from model_zoo.flops import model_flops
 from model_zoo.registry import build_model
 
 
@@ -116,9 +117,12 @@ class StepRunner:
         self.t = torch.rand(batch, device=device)
         self.y = torch.randint(0, 1000, (batch,), device=device)
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-        self.flops = count_flops(self.model, batch, self.mask_ratio, backward=True)
-        # Inductor fuses the elementwise tails (GELU, modulation, LayerNorm casts) into C++ loops.
-        self.forward = torch.compile(self.model) if compile_model else self.model
+        # counted on the meta device at batch 1 (FLOPs scale with the batch): no memory, no gradients
+        self.flops = model_flops(name, 1, self.mask_ratio, backward=True, input_size=input_size, num_classes=1000,
+                                 skip=skip) * batch
+        # Inductor fuses the elementwise tails (GELU, modulation, LayerNorm casts) into C++ loops;
+        # static shapes: a retry at half the batch must not turn the batch dimension dynamic.
+        self.forward = torch.compile(self.model, dynamic=False) if compile_model else self.model
         self.times: list[float] = []
 
     def step(self) -> None:
@@ -163,10 +167,13 @@ def fitted_runner(name: str, batch: int, fit: bool, **kwargs) -> StepRunner:
         except torch.OutOfMemoryError:
             if not fit or batch == 1:
                 raise
-            runner = None
-            gc.collect()
-            torch.accelerator.empty_cache() if torch.accelerator.is_available() else None
-            batch //= 2
+        # out of the handler, whose traceback held the failed step's tensors
+        runner = None
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.accelerator.is_available():
+            torch.accelerator.empty_cache()
+        batch //= 2
 
 
 def main() -> None:
@@ -202,8 +209,9 @@ def main() -> None:
         # This VM's speed drifts (shared host): sample the peak and the matmul floors in every
         # round and keep the best of each, like the step times' median.
         peak = max(peak, matmul_peak(dtype, repeats=3, device=device))
-        for r in {r.base_name: r for r in runners}.values():  # eager and compiled issue the same matmuls
-            floors[r.base_name] = min(floors.get(r.base_name, float("inf")), r.matmul_floor())
+        # eager and compiled issue the same matmuls at the same batch
+        for key, r in {(r.base_name, r.batch): r for r in runners}.items():
+            floors[key] = min(floors.get(key, float("inf")), r.matmul_floor())
 
     print(f"device={device} threads={args.threads} dtype={args.dtype} latent=4x{args.input_size}x{args.input_size} "
           f"mask_ratio={args.mask_ratio} rounds={args.rounds}x{args.steps} steps")
@@ -220,7 +228,7 @@ def main() -> None:
         label = r.name + (f" r={r.mask_ratio}" if r.mask_ratio else "")
         print(f"| {label:<23} | {r.batch:5d} | {t * 1e3:16.1f} | {r.batch / t:5.1f} | {r.flops / 1e9:10.1f} | "
               f"{achieved / 1e12:7.3f} | {achieved / peak:4.0%} | {r.batch / t / base:.2f}x "
-              f"| {floors[r.base_name] * 1e3:14.1f} | {r.flops / floors[r.base_name] / peak:11.0%} |")
+              f"| {floors[r.base_name, r.batch] * 1e3:14.1f} | {r.flops / floors[r.base_name, r.batch] / peak:11.0%} |")
     print("matmul-only: the step's matmuls (same shapes, strides, dtypes) run alone; MFU ceiling: the MFU "
           "if everything else in the step took no time")
 

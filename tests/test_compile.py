@@ -97,3 +97,14 @@ def test_a_compiled_two_rank_run_compiles_once_per_token_count_and_trains_like_e
     assert sorted(compiled) == list(range(1, 13))
     for step in compiled:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4, abs=1e-6), (step, compiled[step], eager[step])
+
+
+def test_a_continuous_schedule_is_refused_for_a_compiled_model():
+    from trainer.config import ConfigError
+    from trainer.config.validation import validate
+
+    tree = {"data": {"shards": "x"}, "model": {"compile": True},
+            "phases": {"mask_ratio": 0.5, "end_mask_ratio": 0.25, "schedule": "linear", "schedule_levels": 0}}
+    with pytest.raises(ConfigError, match="phases.schedule_levels: 0 gives a compiled model a new token count"):
+        validate(config_from_dict(tree), 1)
+    validate(config_from_dict({**tree, "phases": {**tree["phases"], "schedule_levels": 8}}), 1)

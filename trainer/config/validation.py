@@ -66,6 +66,9 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         _check(p.mask_ratio == 0 and not p.end_mask_ratio,
                f"phases.mask_ratio must be 0 for {cfg.model.name} (only MaskDiT models mask tokens)")
     _check(p.schedule_levels >= 0, f"phases.schedule_levels must be >= 0 (0: continuous), got {p.schedule_levels}")
+    _check(not (cfg.model.compile and p.end_mask_ratio is not None and p.schedule_levels == 0),
+           "phases.schedule_levels: 0 gives a compiled model a new token count, so a new graph, at nearly every "
+           "step of the schedule: use a few levels (e.g. 8) with model.compile")
     _check(p.unmask_every >= 0 and p.unmask_steps >= 0 and p.final_unmask_steps >= 0,
            "phases.unmask_every, unmask_steps and final_unmask_steps must be >= 0")
     _check(p.unmask_every == 0 or p.unmask_steps < p.unmask_every,

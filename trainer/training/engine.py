@@ -25,9 +25,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> Dict[str, Any]:
 
 
 COMPILE_CACHE_LIMIT = 16
-"""torch.compile's recompile limit for the network: dynamo runs a frame eagerly once it has been
-compiled more often than its limit (8 by default), which a schedule's levels plus unmask tuning
-can reach."""
+"""The least recompile limit given to torch.compile for the network: dynamo runs a frame eagerly
+once it has been compiled more often than its limit (8 by default), which a schedule's levels plus
+unmask tuning can reach (the trainer raises it further for more levels)."""
 
 
 def compiled_graphs() -> int:
@@ -36,12 +36,14 @@ def compiled_graphs() -> int:
 
 
 def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[str, Any], rank: int,
-                 compile_model: bool = False, compile_backend: str = "inductor") -> deepspeed.DeepSpeedEngine:
+                 compile_model: bool = False, compile_backend: str = "inductor",
+                 token_counts: int = 2) -> deepspeed.DeepSpeedEngine:
     """Build the module (under zero.Init for ZeRO-3) and wrap it in a DeepSpeed engine.
 
-    Under zero.Init every parameter is partitioned as soon as its module is built, so the model's
-    own initialisation ran on empty shards: it is re-applied on rank 0 with the parameters
-    gathered, and DeepSpeed scatters the result.
+    With compile_model the engine is compiled with `compile_backend`, allowing at least
+    `token_counts` graphs. Under zero.Init every parameter is partitioned as soon as its module is
+    built, so the model's own initialisation ran on empty shards: it is re-applied on rank 0 with
+    the parameters gathered, and DeepSpeed scatters the result.
     """
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -54,7 +56,9 @@ def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[st
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
                                            config=ds_config)
     if compile_model:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_CACHE_LIMIT)
+        # token_counts: how many kept-token counts the plan can meet (each one graph)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_CACHE_LIMIT,
+                                                   token_counts + 4)
         engine.compile(backend=compile_backend)
     return engine
 

@@ -65,7 +65,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         beat("building the engine")
         self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank,
-                                   cfg.model.compile, cfg.model.compile_backend)
+                                   cfg.model.compile, cfg.model.compile_backend, cfg.phases.schedule_levels + 2)
         self.num_tokens = self.engine.module.net.num_tokens
         self._graphs = compiled_graphs()
         shadow = build_model(cfg.model.name, **kwargs).to(device)
