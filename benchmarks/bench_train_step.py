@@ -31,7 +31,9 @@ from model_zoo.registry import build_model
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """torch's current accelerator (cuda, xpu, mps, ...) when there is one, else the CPU."""
+    """torch's current accelerator (cuda, xpu, mps, ...) when there is one, else the CPU. Not
+    trainer.distributed.accelerator_device: that goes through DeepSpeed, which the GPU machines
+    this benchmark is meant for may lack (it needs torch alone)."""
     if name != "auto":
         return torch.device(name)
     return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")

@@ -174,13 +174,11 @@ class ShardedEMA(EMA):
         """The whole average in the shadow network while inside, on every rank or on `to_rank`
         only (None elsewhere: its shards are sent, nothing is held)."""
         params = dict(self.module.named_parameters())
-        here = to_rank is None or self.rank == to_rank
         try:
-            for name, shape in self.shapes.items():
-                whole = self._whole(name, shape, to_rank)
-                if here:
-                    params[name].data = whole
-            yield self.module if here else None
+            whole = self._gather(to_rank)  # {} on the ranks that only send
+            for name in self.shapes.keys() & whole.keys():
+                params[name].data = whole[name]
+            yield self.module if whole else None
         finally:
             for p in params.values():
                 p.data = torch.empty(0, device=p.device)

@@ -13,7 +13,6 @@ from model_zoo.flops import FlopsPerImage
 from model_zoo.layers import canonical_mask_ratio, kept_token_count
 from model_zoo.registry import build_model
 
-from ..checkpoints import is_universal
 from ..config import PRECISIONS, PhaseState, TrainConfig
 from ..config.phases import MASKED
 from ..distributed import DistInfo
@@ -59,9 +58,7 @@ class Trainer:
         latent_shape = tuple(self.loader.manifest.spec.shape)
         kwargs = cfg.model_kwargs(latent_shape, self.loader.manifest.num_classes)
         self.resume_from = resume_target(cfg, world)
-        ds_config = deepspeed_config(cfg, world)
-        if self.resume_from and is_universal(self.resume_from):
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        ds_config = deepspeed_config(cfg, world)  # universal or not is set per load (checkpointer)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         beat("building the engine")
         self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank,
@@ -83,7 +80,7 @@ class Trainer:
         self.stop: StopFlag | None = None  # installed once training starts (after resume)
         self.evaluator: Evaluator | None = None  # built after resume (it drops records of a lost attempt)
         self.state = RunState()
-        self.recovery = Recovery(cfg.monitor, self.checkpointer.root)
+        self.recovery: Recovery | None = None  # built after resume, from the resumed counters
         self._save_soon = False  # a save after the next step (set by a rollback)
         self._mark = time.perf_counter()  # training time counts from here; saves and evaluations do not
 
@@ -177,7 +174,7 @@ class Trainer:
         if rank == 0:
             self.stop.poll_file()
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = self._lr(phase)
+            group["lr"] = self._lr(phase, self.state.step + 1)
         micro, attempt, data_wait, stopping, time_up, loss_sum = 0, 0, 0.0, False, False, 0.0
         ratio = canonical_mask_ratio(self.num_tokens, phase.mask_ratio)  # same float for the same token count
         limit = cfg.run.time_limit_s
@@ -222,8 +219,9 @@ class Trainer:
                   f"{phase.mask_ratio:g}, {kept} of {self.num_tokens} tokens kept)", flush=True)
         self._graphs = graphs
 
-    def _lr(self, phase: PhaseState) -> float:
-        return self.cfg.optim.lr * phase.lr_scale * self.recovery.lr_scale(self.state.step + 1)
+    def _lr(self, phase: PhaseState, step: int) -> float:
+        """The learning rate of `step` (1-based): the plan's, lowered after a rollback."""
+        return self.cfg.optim.lr * phase.lr_scale * self.recovery.lr_scale(step)
 
     def _skip_nonfinite(self, micro: int) -> None:
         self.state.nonfinite_skipped += 1
@@ -299,8 +297,7 @@ class Trainer:
     def _log(self, phase: PhaseState) -> None:
         norm = self.engine.get_global_grad_norm()
         self.monitor.log(self.state.step, {
-            "lr": self.cfg.optim.lr * phase.lr_scale * self.recovery.lr_scale(self.state.step),
-            "mask_ratio": phase.mask_ratio,
+            "lr": self._lr(phase, self.state.step), "mask_ratio": phase.mask_ratio,
             "grad_norm": float(norm) if norm is not None else float("nan"),
             "skipped_steps": float(self.state.nonfinite_skipped), "phase_unmask": float(phase.phase != MASKED),
         }, self.dist.world_size, phase.phase)
