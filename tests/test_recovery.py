@@ -19,26 +19,27 @@ def policy(**kw) -> Recovery:
 def test_a_streak_rolls_back_until_the_rollbacks_are_used_up():
     r = policy(max_nonfinite=2, on_nonfinite="rollback", max_rollbacks=1, rollback_lr_scale=0.25,
                rollback_lr_steps=10)
-    r.nonfinite(7, micro=1)
+    r.nonfinite(7)
     with pytest.raises(Diverged) as hit:
-        r.nonfinite(7, micro=1)
-    assert (hit.value.step, hit.value.micro, hit.value.why) == (7, 1, "2 non-finite losses in a row in step 7")
+        r.nonfinite(7)
+    assert (hit.value.step, hit.value.why) == (7, "2 updates in a row with non-finite gradients in step 7")
     assert hit.value.first_bad == 7
     r.rolled_back(5)
     assert (r.rollbacks, r.lr_cut_until, r.bad_in_a_row) == (1, 15, 0)
     assert [r.lr_scale(s) for s in (6, 15, 16)] == [0.25, 0.25, 1.0]
-    r.nonfinite(20, 0)
-    r.finite()  # a finite loss ends the streak
-    r.nonfinite(20, 0)
-    with pytest.raises(RunStopped, match=r"^2 non-finite losses in a row in step 20: stopping after 1 rollback; "
-                                         r"the last good checkpoint in /runs/x/checkpoints is intact"):
-        r.nonfinite(20, 0)
+    r.nonfinite(20)
+    r.finite()  # an applied update ends the streak
+    r.nonfinite(20)
+    with pytest.raises(RunStopped, match=r"^2 updates in a row with non-finite gradients in step 20: stopping after "
+                                         r"1 rollback; the last good checkpoint in /runs/x/checkpoints is intact"):
+        r.nonfinite(20)
 
 
 def test_stop_is_the_default_and_says_nothing_of_rollbacks():
     r = policy(max_nonfinite=1)
-    with pytest.raises(RunStopped, match=r"^1 non-finite losses in a row in step 3: stopping; the last good"):
-        r.nonfinite(3, 0)
+    with pytest.raises(RunStopped, match=r"^1 updates in a row with non-finite gradients in step 3: stopping; the "
+                                         r"last good"):
+        r.nonfinite(3)
     assert r.lr_scale(1) == 1.0
 
 

@@ -45,22 +45,24 @@ def _logged_steps(stdout: str) -> list:
 
 
 def test_a_streak_rolls_back_skips_its_data_and_finishes(digits8, tmp_path):
-    """Run A: in step 8 the first micro-step trains (its gradients wait in ZeRO-2's buffers), then
-    rank 1's next 3 losses are NaN: rollback to step 5. Run B: all 5 of step 8's tries are NaN
-    (max_nonfinite 5), so it rolls back at a step boundary having drawn as many batches as A (1 good,
-    3 bad, 1 to end the step). From step 5 on both must train exactly alike: A's half-accumulated
-    gradients are gone, both skip the same data and lower the learning rate alike."""
+    """Step 8 (forward calls 15-16 on each rank, 2 micro-steps) has its update skipped 3 times in a
+    row: rollback to step 5. Run A's NaN losses on rank 1 come in calls 16, 17 and 19 (the first
+    micro-step of step 8 trains, its gradients wait in ZeRO-2's buffers, then the second is NaN);
+    run B's in 15, 18 and 20. Each drew 6 batches for step 8. From step 5 on both must train exactly
+    alike: the gradients accumulated beside a NaN are gone, both skip the same data and lower the
+    learning rate alike."""
     runs = {}
-    for name, faults, max_bad in (("a", "nan:calls=16,17,18:rank=1", 3), ("b", "nan:calls=15,16,17,18,19:rank=1", 5)):
+    for name, faults, max_bad in (("a", "nan:calls=16,17,19:rank=1", 3), ("b", "nan:calls=15,18,20:rank=1", 3)):
         cfg = write_config(_config(digits8, str(tmp_path / name), max_nonfinite=max_bad), tmp_path / f"{name}.yaml")
         proc = run(deepspeed_command(cfg, free_port()), tmp_path, extra_env={"MDT_FAULTS": faults})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[name] = proc
     a, b = runs["a"], runs["b"]
     root = tmp_path / "a" / "t" / "checkpoints"
-    assert (f"rollback 1 of 2: 3 non-finite losses in a row in step 8; reloaded {root / 'step00000005'} (step 5); "
-            "the data of steps 6-8 are skipped; lr x0.5 through step 9") in a.stdout, a.stdout[-3000:]
-    assert "rollback 1 of 2: 5 non-finite losses in a row in step 8" in b.stdout
+    assert (f"rollback 1 of 2: 3 updates in a row with non-finite gradients in step 8; reloaded "
+            f"{root / 'step00000005'} (step 5); the data of steps 6-8 are skipped; lr x0.5 through step 9") \
+        in a.stdout, a.stdout[-3000:]
+    assert "rollback 1 of 2: 3 updates in a row with non-finite gradients in step 8" in b.stdout
     assert a.stdout.count("rollback 1 of 2") == 1 and "rollback 2" not in a.stdout
     # steps 1-7 trained once, then 6-16 again from the checkpoint of step 5
     assert _logged_steps(a.stdout) == list(range(1, 8)) + list(range(6, 17))
@@ -102,9 +104,9 @@ def test_one_streak_more_than_allowed_stops_with_the_checkpoint_intact(digits8, 
                extra_env={"MDT_FAULTS": "nan:calls=8,9,10,20,21,22:rank=1"})
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = tmp_path / "r" / "t" / "checkpoints"
-    assert "rollback 1 of 1: 3 non-finite losses in a row in step 8" in proc.stdout
-    assert (f"mdt-train: stopped: 3 non-finite losses in a row in step 15: stopping after 1 rollback; the last good "
-            f"checkpoint in {root} is intact") in proc.stderr, proc.stderr[-3000:]
+    assert "rollback 1 of 1: 3 updates in a row with non-finite gradients in step 8" in proc.stdout
+    assert (f"mdt-train: stopped: 3 updates in a row with non-finite gradients in step 15: stopping after 1 "
+            f"rollback; the last good checkpoint in {root} is intact") in proc.stderr, proc.stderr[-3000:]
     assert (root / LATEST).read_text() == "step00000010" and (root / "step00000010" / COMPLETE).exists()
     state = json.loads((root / "step00000010" / STATE_FILE).read_text())
     assert (state["step"], state["rollbacks"], state["nonfinite_skipped"]) == (10, 1, 3)
@@ -140,5 +142,5 @@ def test_without_a_checkpoint_to_go_back_to_the_run_stops(digits8, tmp_path):
     proc = run(deepspeed_command(write_config(cfg, tmp_path / "c.yaml"), free_port()), tmp_path,
                extra_env={"MDT_FAULTS": "nan:calls=3,4"})
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"stopped: 2 non-finite losses in a row in step 3: no checkpoint from before step 3 to roll "
-                     r"back to \(checkpoint\.every 5\); stopping", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"stopped: 2 updates in a row with non-finite gradients in step 3: no checkpoint from before "
+                     r"step 3 to roll back to \(checkpoint\.every 5\); stopping", proc.stderr), proc.stderr[-3000:]

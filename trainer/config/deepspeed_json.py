@@ -53,7 +53,9 @@ def to_deepspeed_json(cfg: TrainConfig, world_size: int, device_type: str) -> Di
                        **({"torch_adam": True, "fused": True} if o.torch_adam else {})},
         },
         "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # check_grad_overflow (DeepSpeed's default, spelled out): a bf16 update with non-finite
+        # gradients is skipped and counted, which the trainer's non-finite guard relies on
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
         "steps_per_print": 10**9,  # our monitor prints; keep DeepSpeed's own log quiet
         "wall_clock_breakdown": False,

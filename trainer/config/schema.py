@@ -217,7 +217,7 @@ NONFINITE_ACTIONS = ("stop", "rollback")
 
 @dataclass
 class MonitorConfig:
-    """Logging, sample grids and the non-finite-loss guard."""
+    """Logging, sample grids and the non-finite guard."""
 
     log_every: int = 20
     """Reduce and log metrics every this many steps (the only host syncs of the loop)."""
@@ -232,8 +232,9 @@ class MonitorConfig:
     guidance_scale: float = 1.5
     """Classifier-free guidance for sample grids."""
     max_nonfinite: int = 5
-    """Non-finite losses in a row (each is skipped and counted) that make a divergence: the run
-    stops or rolls back (on_nonfinite)."""
+    """Skipped updates in a row that make a divergence: an update whose gradients are not finite
+    on some rank is skipped on every rank, counted, and its step tried again with new data; this
+    many in a row and the run stops or rolls back (on_nonfinite)."""
     on_nonfinite: str = "stop"
     """What a divergence does: stop (exit 3, the last checkpoint intact) or rollback (reload the
     last checkpoint on every rank, skip the data that led there, lower the learning rate for a

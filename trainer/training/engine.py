@@ -60,7 +60,31 @@ def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[st
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_CACHE_LIMIT,
                                                    token_counts + 4)
         engine.compile(backend=compile_backend)
+    if not hasattr(engine.optimizer, "overflow"):
+        skip_nonfinite_updates(engine.optimizer)
     return engine
+
+
+def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
+    """Make a plain optimizer skip an update whose gradients are not all finite, and say so the way
+    DeepSpeed's own optimizers do (`optimizer.overflow`, which the engine counts in skipped_steps).
+
+    DeepSpeed's ZeRO-1/2/3 and bf16/fp16 optimizers already skip such updates; only the plain
+    optimizer of ZeRO-0 fp32 applies them (one NaN then ruins every weight). The check costs one
+    fused norm over the gradients and one host read per optimizer step, the same as DeepSpeed's.
+    The gradients are all-reduced by then, so every rank decides alike.
+    """
+    step = optimizer.step
+    optimizer.overflow = False
+
+    def guarded_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not optimizer.overflow:
+            return step(*args, **kwargs)
+        return None
+
+    optimizer.step = guarded_step
 
 
 def seed_step(seed: int, rank: int, step: int, micro: int, rollbacks: int = 0) -> None:

@@ -7,9 +7,9 @@ handling (the launcher, the scheduler's requeue, the alerts) can be tried before
     MDT_FAULTS="enospc:save=2"                       the 2nd checkpoint save fails as a full disk would
     MDT_FAULTS="nan:calls=7:rank=1;enospc:save=3"    several, separated by ';'
 
-Forward calls count the training forward passes of this rank from 1 (one per micro-step; a skipped
-non-finite one counts too); saves count this process's checkpoint saves from 1. Without `rank=`
-a fault applies on every rank. Nothing else changes: whatever the run does next is its own
+Forward calls count the training forward passes of this rank from 1 (one per micro-step; a step
+tried again after a skipped update counts its calls again); saves count this process's checkpoint
+saves from 1. Without `rank=` a fault applies on every rank. Nothing else changes: whatever the run does next is its own
 behaviour. `mdt-train` arms the faults after validating its config and says so on each rank.
 """
 

@@ -57,6 +57,7 @@ class Monitor:
         n = len(SIGMA_EDGES) + 1
         # [loss, dsm, mae, samples] sums and per-bucket [sum, count]; one tensor -> one all_reduce.
         self._sums = torch.zeros(4 + 2 * n, device=self.device, dtype=torch.float64)
+        self._step_sums = torch.zeros_like(self._sums)  # the current step's, until it is applied
         self._data_wait = 0.0
         self._steps = 0
         self._flops = 0.0
@@ -72,19 +73,29 @@ class Monitor:
         return step % self.cfg.log_every == 0 or step == self.total_steps
 
     def record(self, out: LossOutput) -> None:
-        """Add one micro-batch's per-sample losses (stays on the device)."""
+        """Add one micro-batch's per-sample losses to the current step's (stays on the device)."""
         n = len(SIGMA_EDGES) + 1
         loss = out.loss.detach().double()
         idx = torch.bucketize(out.sigma.detach(), self._edges)
         per_bucket = torch.zeros(n, device=self.device, dtype=torch.float64).index_add_(0, idx, loss)
-        counts = torch.bincount(idx, minlength=n).double()
+        # not torch.bincount: on CUDA it reads the largest index back to the host to size its output
+        counts = torch.zeros(n, device=self.device, dtype=torch.float64).index_add_(0, idx, torch.ones_like(loss))
+        # new_full fills on the device; torch.tensor(x, device=...) would copy from the host and wait
         head = torch.stack([loss.sum(), out.dsm.detach().double().sum(), out.mae.detach().double().sum(),
-                            torch.tensor(float(loss.numel()), device=self.device, dtype=torch.float64)])
-        self._sums += torch.cat([head, per_bucket, counts])
+                            loss.new_full((), float(loss.numel()))])
+        self._step_sums += torch.cat([head, per_bucket, counts])
+
+    def drop_step(self) -> None:
+        """Forget the current step's losses: its update was skipped (non-finite gradients) and the
+        step is tried again with new data."""
+        self._step_sums.zero_()
 
     def step_done(self, images: int, flops: float, data_wait: float, skipped_samples: int = 0) -> None:
-        """Count a finished optimizer step (host-side numbers only); skipped_samples: this rank's
-        running count of bad samples its data stream left out."""
+        """Count a finished optimizer step: its recorded losses join the window (on the device), and
+        the host-side numbers; skipped_samples: this rank's running count of bad samples its data stream
+        left out."""
+        self._sums += self._step_sums
+        self._step_sums.zero_()
         self._skipped = skipped_samples
         self._steps += 1
         self._images += images

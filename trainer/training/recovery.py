@@ -1,8 +1,8 @@
-"""What a run does when its loss diverges: a streak of non-finite losses, or (when asked for) a loss
-far above its running median for several steps in a row. With `monitor.on_nonfinite: stop` the run
-stops (status 3, the last checkpoint intact); with `rollback` it reloads the last checkpoint on
-every rank, trains on from there with new data and a lower learning rate for a while, and stops
-only after `monitor.max_rollbacks` rollbacks.
+"""What a run does when its loss diverges: a streak of skipped updates (non-finite gradients), or
+(when asked for) a loss far above its running median for several steps in a row. With
+`monitor.on_nonfinite: stop` the run stops (status 3, the last checkpoint intact); with `rollback`
+it reloads the last checkpoint on every rank, trains on from there with new data and a lower
+learning rate for a while, and stops only after `monitor.max_rollbacks` rollbacks.
 
 `Recovery` keeps the policy and the counters; the Trainer carries out a rollback (it owns the data
 stream and the engine)."""
@@ -24,20 +24,19 @@ SPIKE_MIN_HISTORY = 20
 
 
 class Diverged(Exception):
-    """Raised inside a step on every rank alike (the flags that decide it are all-reduced): roll
-    back to a checkpoint from before step `first_bad`, where the trouble began (a spike is called
-    only after several high steps, and a checkpoint saved among them is already off course).
-    `micro` is the number of micro-steps of the failing step that already ran backward (their
-    gradients sit in the engine's accumulation buffers)."""
+    """Raised on every rank alike (what decides it is the same on every rank): roll back to a
+    checkpoint from before step `first_bad`, where the trouble began (a spike is called only after
+    several high steps, and a checkpoint saved among them is already off course). Raised between
+    steps: no gradients wait in the engine's accumulation buffers."""
 
-    def __init__(self, why: str, step: int, micro: int = 0, first_bad: int | None = None):
+    def __init__(self, why: str, step: int, first_bad: int | None = None):
         super().__init__(why)
-        self.why, self.step, self.micro = why, step, micro
+        self.why, self.step = why, step
         self.first_bad = step if first_bad is None else first_bad
 
 
 class Recovery:
-    """The divergence policy of a run: counts non-finite losses in a row and watches for loss
+    """The divergence policy of a run: counts skipped updates in a row and watches for loss
     spikes; `trouble` either raises Diverged (roll back) or RunStopped (stop).
 
     `rollbacks` and `lr_cut_until` travel in the checkpoint record (RunState), so a resumed run keeps
@@ -57,14 +56,15 @@ class Recovery:
         rollback, else 1."""
         return self.cfg.rollback_lr_scale if step <= self.lr_cut_until else 1.0
 
-    def nonfinite(self, step: int, micro: int) -> None:
-        """Count a skipped non-finite micro-step of `step`; a streak of max_nonfinite is trouble."""
+    def nonfinite(self, step: int) -> None:
+        """Count a skipped update of `step` (non-finite gradients); a streak of max_nonfinite is
+        trouble."""
         self.bad_in_a_row += 1
         if self.bad_in_a_row >= self.cfg.max_nonfinite:
-            self.trouble(f"{self.bad_in_a_row} non-finite losses in a row in step {step}", step, micro)
+            self.trouble(f"{self.bad_in_a_row} updates in a row with non-finite gradients in step {step}", step)
 
     def finite(self) -> None:
-        """A micro-step with a finite loss ends a streak."""
+        """An applied update ends a streak."""
         self.bad_in_a_row = 0
 
     def step_loss(self, step: int, loss: float, phase: str) -> None:
@@ -82,15 +82,15 @@ class Recovery:
             self._high_in_a_row += 1  # a spike stays out of the median it is measured against
             if self._high_in_a_row >= self.cfg.spike_steps:
                 self.trouble(f"loss above {factor:g} x its running median {median:.4g} for {self._high_in_a_row} "
-                             f"steps in a row (step {step}: {loss:.4g})", step, 0, step - self._high_in_a_row + 1)
+                             f"steps in a row (step {step}: {loss:.4g})", step, step - self._high_in_a_row + 1)
             return
         self._high_in_a_row = 0
         self._losses.append(loss)
 
-    def trouble(self, why: str, step: int, micro: int, first_bad: int | None = None) -> None:
+    def trouble(self, why: str, step: int, first_bad: int | None = None) -> None:
         """Roll back (raise Diverged) while the policy allows it, else stop (raise RunStopped)."""
         if self.cfg.on_nonfinite == "rollback" and self.rollbacks < self.cfg.max_rollbacks:
-            raise Diverged(why, step, micro, first_bad)
+            raise Diverged(why, step, first_bad)
         after = f" after {self.rollbacks} rollback{'s' * (self.rollbacks != 1)}" \
             if self.cfg.on_nonfinite == "rollback" else ""
         raise RunStopped(f"{why}: stopping{after}; the last good checkpoint in {self.root} is intact (lower optim.lr "

@@ -17,6 +17,7 @@ from ..config import PRECISIONS, PhaseState, TrainConfig
 from ..config.phases import MASKED
 from ..distributed import DistInfo
 from .checkpointer import Checkpointer, RunState, resume_target
+from .consensus import HostVote, host_group
 from .data import LatentLoader, build_latent_loader
 from .ema import EMA, ShardedEMA
 from .engine import build_engine, compiled_graphs, deepspeed_config, seed_step
@@ -82,6 +83,8 @@ class Trainer:
         self.state = RunState()
         self.recovery: Recovery | None = None  # built after resume, from the resumed counters
         self._save_soon = False  # a save after the next step (set by a rollback)
+        self.vote = HostVote(host_group(world), 2)  # [stop requested, time limit reached], agreed each step
+        self._step_losses: list = []  # (step, phase, loss on the device) for the spike watch, read on log steps
         self._mark = time.perf_counter()  # training time counts from here; saves and evaluations do not
 
     def train(self) -> RunState:
@@ -100,7 +103,7 @@ class Trainer:
                 try:
                     stopping, time_up, data_wait = self._step(batches, phase)
                 except Diverged as trouble:
-                    self._roll_back(trouble, batches, phase)
+                    self._roll_back(trouble)
                     continue
                 self._account(phase, data_wait)
                 step = self.state.step
@@ -166,55 +169,82 @@ class Trainer:
         self.evaluator = build_evaluator(self.cfg, self.dist, self.ema, self.loader, self.monitor, self.state.step)
 
     def _step(self, batches, phase: PhaseState):
-        """One optimizer step of `accumulation` micro-steps; a micro-step whose loss is non-finite on
-        any rank is skipped on every rank and retried with the next batch. Returns (stop requested,
-        time limit reached (rank 0's clock decides for all), seconds waited for data); raises
-        Diverged (every rank alike) when the run must roll back."""
-        cfg, rank, world, device = self.cfg, self.dist.rank, self.dist.world_size, self.dist.device
+        """One optimizer step of `accumulation` micro-steps, tried again with new data while its
+        update is skipped: DeepSpeed's optimizers skip an update whose gradients are not finite on
+        some rank and count it in engine.skipped_steps (a host counter: their own check has read the
+        device already; see engine.skip_nonfinite_updates for ZeRO-0 fp32). The loop itself reads
+        nothing from the device: losses wait there for a log step, and the stop and time-limit flags
+        are agreed on the host while the step computes. Returns (stop requested, time limit reached
+        (rank 0's clock decides for all), seconds waited for data); raises Diverged (every rank
+        alike) when the run must roll back."""
+        cfg, rank = self.cfg, self.dist.rank
         if rank == 0:
             self.stop.poll_file()
+        step = self.state.step + 1
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = self._lr(phase, self.state.step + 1)
-        micro, attempt, data_wait, stopping, time_up, loss_sum = 0, 0, 0.0, False, False, 0.0
-        ratio = canonical_mask_ratio(self.num_tokens, phase.mask_ratio)  # same float for the same token count
+            group["lr"] = self._lr(phase, step)
         limit = cfg.run.time_limit_s
         over = bool(limit) and rank == 0 and self.state.train_seconds + time.perf_counter() - self._mark >= limit
-        while micro < cfg.accumulation_steps(world):
-            start = time.perf_counter()
-            z, y = next(batches)
-            data_wait += time.perf_counter() - start
-            z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            seed_step(cfg.run.seed, rank, self.state.step, attempt, self.recovery.rollbacks)
-            attempt += 1
-            out = self.engine(z, y, ratio)
-            loss = out.loss.mean()
-            flags = torch.cat([(~torch.isfinite(loss)).float().reshape(1),
-                               torch.tensor([float(self.stop.requested), float(over)], device=device),
-                               torch.nan_to_num(loss.detach().float(), nan=0.0).reshape(1)])
-            if world > 1:
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            bad, stop_now, out_of_time, largest_loss = flags.tolist()
-            # Acted on at the end of the step: the checkpoint then sits on a step boundary and the
-            # data position excludes nothing the step drew, so the rerun continues exactly.
-            stopping, time_up = stopping or bool(stop_now), time_up or bool(out_of_time)
-            if bad:
-                self._skip_nonfinite(micro)
-                continue
-            self.recovery.finite()
-            self.engine.backward(loss)
-            self.engine.step()
-            self.monitor.record(out)
-            loss_sum += largest_loss
-            micro += 1
-        self.recovery.step_loss(self.state.step + 1, loss_sum / micro, phase.phase)
+        # Acted on at the end of the step: the checkpoint then sits on a step boundary and the data
+        # position excludes nothing the step drew, so the rerun continues exactly.
+        self.vote.cast([float(self.stop.requested), float(over)])
+        try:
+            data_wait = self._try_until_applied(batches, phase, step)
+        finally:
+            stop_now, out_of_time = self.vote.result()
         if self.cfg.model.compile:
-            self._note_compiles(phase, ratio)
-        return stopping, time_up, data_wait
+            self._note_compiles(phase)
+        if self.monitor.due(step) or step == cfg.run.total_steps:
+            self._check_spikes()
+        return bool(stop_now), bool(out_of_time), data_wait
 
-    def _note_compiles(self, phase: PhaseState, ratio: float) -> None:
+    def _try_until_applied(self, batches, phase: PhaseState, step: int) -> float:
+        """Run the micro-steps of `step` until its update is applied; returns the seconds spent
+        waiting for data."""
+        accumulation = self.cfg.accumulation_steps(self.dist.world_size)
+        ratio = canonical_mask_ratio(self.num_tokens, phase.mask_ratio)  # same float for the same token count
+        data_wait, tries = 0.0, 0
+        while True:
+            skipped_before, step_loss = self.engine.skipped_steps, None
+            for micro in range(accumulation):
+                start = time.perf_counter()
+                z, y = next(batches)
+                data_wait += time.perf_counter() - start
+                z, y = z.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+                seed_step(self.cfg.run.seed, self.dist.rank, step - 1, tries * accumulation + micro,
+                          self.recovery.rollbacks)
+                out = self.engine(z, y, ratio)
+                loss = out.loss.mean()
+                self.engine.backward(loss)
+                self.engine.step()
+                self.monitor.record(out)
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            if self.engine.skipped_steps == skipped_before:
+                break
+            tries += 1
+            self.monitor.drop_step()
+            self._skip_nonfinite(step)
+        self.recovery.finite()
+        if self.cfg.monitor.spike_factor:
+            self._step_losses.append((step, phase.phase, step_loss / accumulation))
+        return data_wait
+
+    def _check_spikes(self) -> None:
+        """Hand the steps' losses since the last check (the largest over the ranks) to the spike
+        watch: read on log steps only, so a spike is called at the log step that follows it."""
+        pending, self._step_losses = self._step_losses, []
+        if not pending:
+            return
+        values = torch.stack([loss for _, _, loss in pending]).float()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        for (step, phase, _), loss in zip(pending, values.tolist()):
+            self.recovery.step_loss(step, loss, phase)
+
+    def _note_compiles(self, phase: PhaseState) -> None:
         graphs = compiled_graphs()
         if graphs != self._graphs and self.dist.rank == 0:
-            kept = kept_token_count(self.num_tokens, ratio)
+            kept = kept_token_count(self.num_tokens, canonical_mask_ratio(self.num_tokens, phase.mask_ratio))
             print(f"torch.compile: {graphs} graphs after step {self.state.step + 1} (new: mask ratio "
                   f"{phase.mask_ratio:g}, {kept} of {self.num_tokens} tokens kept)", flush=True)
         self._graphs = graphs
@@ -223,62 +253,49 @@ class Trainer:
         """The learning rate of `step` (1-based): the plan's, lowered after a rollback."""
         return self.cfg.optim.lr * phase.lr_scale * self.recovery.lr_scale(step)
 
-    def _skip_nonfinite(self, micro: int) -> None:
+    def _skip_nonfinite(self, step: int) -> None:
         self.state.nonfinite_skipped += 1
-        step = self.state.step + 1
         if self.dist.rank == 0:
-            print(f"warning: non-finite loss in step {step} (skipped, {self.recovery.bad_in_a_row + 1} in a row)",
-                  flush=True)
-        self.recovery.nonfinite(step, micro)
+            print(f"warning: non-finite gradients in step {step}: update skipped, trying the step again with new "
+                  f"data ({self.recovery.bad_in_a_row + 1} in a row)", flush=True)
+        self.recovery.nonfinite(step)
 
-    def _roll_back(self, trouble: Diverged, batches, phase: PhaseState) -> None:
-        """Go back to the last checkpoint on every rank after a divergence in step `trouble.step`.
-        The data stream stays where it is, so the batches that led to the divergence are not met
-        again; the learning rate is lowered for monitor.rollback_lr_steps steps. The spent compute
-        stays counted (train_flops, train_seconds); steps and images are the checkpoint's."""
+    def _roll_back(self, trouble: Diverged) -> None:
+        """Go back to the last checkpoint from before the trouble on every rank. The data stream
+        stays where it is, so the batches that led to the divergence are not met again; the learning
+        rate is lowered for monitor.rollback_lr_steps steps. The spent compute stays counted
+        (train_flops, train_seconds); steps and images are the checkpoint's. Called between steps
+        (Diverged comes after a step's update was applied or skipped), so no gradients wait in the
+        engine's accumulation buffers."""
         spent_flops = self.state.train_flops
         spent_seconds = self.state.train_seconds + time.perf_counter() - self._mark
+        reached = self.state.step + 1  # the step in progress (a spike is called at a log step, after its start)
         path = self.checkpointer.latest_before(trouble.first_bad)
         if path is None:
             raise RunStopped(f"{trouble.why}: no checkpoint from before step {trouble.first_bad} to roll back to "
                              f"(checkpoint.every {self.cfg.checkpoint.every}); stopping")
         self.beat(f"rolling back to {path}")
         state = self.checkpointer.reload(path)
-        if trouble.micro:
-            # Backward already ran for part of the failed step: its gradients wait in DeepSpeed's
-            # accumulation buffers (where they live differs per ZeRO stage and precision). Ending the
-            # step with zero-loss micro-steps lets DeepSpeed's own step boundary clear them; the
-            # update that boundary applies is undone by loading the checkpoint once more.
-            self._end_accumulation(batches, phase, trouble.micro)
-            state = self.checkpointer.reload(path)
         self.recovery.rolled_back(state.step)
         state.nonfinite_skipped = self.state.nonfinite_skipped
         state.train_flops, state.train_seconds = spent_flops, spent_seconds
         state.rollbacks, state.lr_cut_until = self.recovery.rollbacks, self.recovery.lr_cut_until
         self.evaluator.rewind(state.step)
         self.monitor.drop_window()
+        self._step_losses = []
         # Saved after the next step: a crash before the next regular save then resumes past the
         # rollback (its count, lowered lr, data position and seeds), not into the divergence again.
         self._save_soon = True
         if self.dist.rank == 0:
             line = (f"rollback {state.rollbacks} of {self.cfg.monitor.max_rollbacks}: {trouble.why}; reloaded {path} "
-                    f"(step {state.step}); the data of steps {state.step + 1}-{trouble.step} are skipped; lr x"
+                    f"(step {state.step}); the data of steps {state.step + 1}-{reached} are skipped; lr x"
                     f"{self.cfg.monitor.rollback_lr_scale:g} through step {state.lr_cut_until}")
             print(line, flush=True)
-            self.monitor.scalar("recovery/rollbacks", state.rollbacks, trouble.step)
-            self.monitor.scalar("recovery/rolled_back_to", state.step, trouble.step)
-            self.monitor.text("recovery", line, trouble.step)
+            self.monitor.scalar("recovery/rollbacks", state.rollbacks, reached)
+            self.monitor.scalar("recovery/rolled_back_to", state.step, reached)
+            self.monitor.text("recovery", line, reached)
         self.state = state
         self._mark = time.perf_counter()
-
-    def _end_accumulation(self, batches, phase: PhaseState, done: int) -> None:
-        for micro in range(done, self.cfg.accumulation_steps(self.dist.world_size)):
-            z, y = next(batches)
-            seed_step(self.cfg.run.seed, self.dist.rank, self.state.step, micro, self.recovery.rollbacks + 1)
-            out = self.engine(z.to(self.dist.device), y.to(self.dist.device),
-                              canonical_mask_ratio(self.num_tokens, phase.mask_ratio))
-            self.engine.backward(torch.nan_to_num(out.loss.mean()) * 0.0)
-            self.engine.step()
 
     def _account(self, phase: PhaseState, data_wait: float) -> None:
         """Count the finished step: images, training FLOPs and wall time (the run's own counters and
