@@ -18,6 +18,9 @@ from .layers import (
     unpatchify,
 )
 
+DECODER_EMBEDS = ("linear", "adaln")
+"""MaskDiT's decoder_embed choices."""
+
 
 class MaskDiT(DiT):
     """Asymmetric masked diffusion transformer.
@@ -26,6 +29,11 @@ class MaskDiT(DiT):
     sample); all `depth` encoder blocks run on those only, a learned mask token fills the dropped
     positions and `decoder_depth` narrow blocks run on the full sequence. r = 0 is the full
     sequence, used for inference and unmask tuning.
+
+    decoder_embed: how encoder tokens enter the decoder's width. 'linear' (a plain Linear) or
+    'adaln' (LayerNorm, shift and scale from the conditioning, then a Linear: the published
+    MaskDiT's `decoder_layer`, needed to load its releases exactly; it adds 2 x hidden_size^2
+    weights, negligible FLOPs).
     """
 
     def __init__(
@@ -34,9 +42,13 @@ class MaskDiT(DiT):
         decoder_depth: int = 8,
         decoder_hidden_size: int = 512,
         decoder_num_heads: int = 16,
+        decoder_embed: str = "linear",
         learn_sigma: bool = False,
         **kwargs,
     ):
+        if decoder_embed not in DECODER_EMBEDS:
+            raise ValueError(f"decoder_embed must be one of {', '.join(DECODER_EMBEDS)}, got {decoder_embed!r}")
+        self.decoder_embed_kind = decoder_embed
         self.decoder_depth = decoder_depth
         self.decoder_hidden_size = decoder_hidden_size
         self.decoder_num_heads = decoder_num_heads
@@ -44,7 +56,12 @@ class MaskDiT(DiT):
 
     def _build_head(self, num_heads: int, mlp_ratio: float) -> None:
         width = self.decoder_hidden_size
-        self.decoder_embed = nn.Linear(self.hidden_size, width)
+        if self.decoder_embed_kind == "adaln":
+            # the release's DecoderLayer: the same norm / modulation / projection as a final layer
+            # whose "patch" is one token of decoder width
+            self.decoder_layer = FinalLayer(self.hidden_size, 1, width, cond_dim=self.hidden_size)
+        else:
+            self.decoder_embed = nn.Linear(self.hidden_size, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(width, self.grid_size), persistent=False)
         # Decoder blocks read the encoder-width conditioning directly through their adaLN.
@@ -81,7 +98,8 @@ class MaskDiT(DiT):
             tokens = gather_tokens(tokens, token_mask.ids_keep)
         elif mask_ratio < 0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        h = self.decoder_embed(self.blocks(tokens, c, skip_cache, reuse_cache))
+        h = self.blocks(tokens, c, skip_cache, reuse_cache)
+        h = self.decoder_layer(h, c) if self.decoder_embed_kind == "adaln" else self.decoder_embed(h)
         batch, kept, width = h.shape
         # At r = 0 the fill is empty but still part of the graph, so the mask token receives a
         # zero gradient instead of none and ZeRO / DDP see every parameter used.

@@ -4,6 +4,7 @@ starts (one-line errors, exit 2), call the package that does the work, report.
     deepspeed --num_gpus 8 -m trainer.cli --config launch_configs/maskdit_xl2_256.yaml    # mdt-train
     mdt-train --config launch_configs/digits_demo.yaml --set optim.lr=5e-4 --dry-run
     mdt-export runs/NAME/checkpoints/step00010000 --out maskdit_ema.safetensors
+    mdt-convert DiT-XL-2-256x256.pt --out dit_xl2.safetensors   # a published release -> our export
     mdt-universal runs/NAME/checkpoints/step00010000   # then resume on another number of ranks
     mdt-sample runs/NAME --per-class 10 --out samples/   (deepspeed ... --module trainer.sample ...)
     mdt-eval samples/samples.npz ref.npz --inception pt_inception-2015-12-05-6726825d.pth
@@ -189,6 +190,43 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _release_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=("dit", "sit", "maskdit"), default=None,
+                   help="a release's layout (default: from its keys; a DiT-layout file named *sit* is SiT's)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads of a release with a non-standard width (the weights do not say)")
+    p.add_argument("--decoder-num-heads", type=int, default=None,
+                   help="decoder heads of a MaskDiT release with a non-standard decoder width")
+
+
+def convert_main(argv: Optional[List[str]] = None) -> int:
+    """mdt-convert: a published DiT, SiT or MaskDiT checkpoint (or anything mdt-sample reads) as an
+    mdt-export safetensors file, which mdt-sample, mdt-export and model.init_from take."""
+    from .checkpoints import read_network, write_export  # noqa: PLC0415
+
+    p = OneLineParser(prog="mdt-convert", description=convert_main.__doc__)
+    p.add_argument("source", help="e.g. DiT-XL-2-256x256.pt, a MaskDiT release .pt, a checkpoint directory")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--weights", choices=WEIGHT_KINDS, default=None,
+                   help="ema (default) or model (a checkpoint's live weights)")
+    _release_options(p)
+    args = p.parse_args(argv)
+    if not args.out.endswith(".safetensors"):
+        p.error(f"--out must end in .safetensors, got {args.out}")
+    try:
+        src = read_network(args.source, args.weights, args.layout, args.num_heads, args.decoder_num_heads)
+        write_export(args.out, src.state_dict, src.model_name, src.model_kwargs, src.diffusion, src.dataset,
+                     src.step, src.weights, source=f"{src.kind}:{os.path.abspath(src.path)}")
+    except CheckpointError as err:
+        print(f"mdt-convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {src.kind} {src.model_name} {json.dumps(src.model_kwargs)}")
+    if src.kind == "sit-release":
+        print("note: SiT is a flow-matching model; this version cannot sample it yet (no flow-matching "
+              "preconditioning), but model.init_from can start a run from it")
+    return 0
+
+
 def universal_main(argv: Optional[List[str]] = None) -> int:
     """mdt-universal: convert a ZeRO checkpoint so that training resumes from it on any number of ranks."""
     p = OneLineParser(prog="mdt-universal", description=universal_main.__doc__)
@@ -217,7 +255,8 @@ def _sample_parser() -> argparse.ArgumentParser:
                       description="Generate class-conditional images from a checkpoint or an exported weights "
                                   "file; write PNGs, a grid and an ADM-layout .npz.")
     p.add_argument("checkpoint", help="checkpoint tag dir, checkpoints root or run dir (newest complete "
-                                      "checkpoint), or an mdt-export .safetensors file")
+                                      "checkpoint), an mdt-export .safetensors file, or a published DiT / MaskDiT "
+                                      "release .pt")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--weights", default=None, help="ema (default) or model (live weights of a checkpoint)")
     p.add_argument("--classes", default="all", help="'all' or comma-separated class indices / names")
@@ -231,6 +270,8 @@ def _sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {usual})")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI", help="guide only where LO < sigma <= HI")
+    p.add_argument("--guidance-channels", type=int, default=None, metavar="K",
+                   help="guide the first K latent channels only (3 reproduces the DiT release's sampler; default all)")
     p.add_argument("--skip-cache", type=int, default=None, metavar="N",
                    help="Skip-Cache: one full step then N-1 cached steps (skip models only)")
     p.add_argument("--skip-keep", type=int, default=1, help="Skip-Cache: blocks run at each end on cached steps")
@@ -242,6 +283,7 @@ def _sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-png", action="store_true", help="write only the .npz and the grid")
     p.add_argument("--grid", type=int, default=100, help="images in grid.png (default 100)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    _release_options(p)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     return p
 
@@ -271,10 +313,11 @@ def sample_main(argv: Optional[List[str]] = None) -> int:
         settings = SampleSettings(args.sampler, args.steps, args.guidance_scale,
                                   parse_pair(args.guidance_interval, "--guidance-interval"), args.skip_cache,
                                   args.skip_keep, parse_pair(args.skip_full_sigma, "--skip-full-sigma"),
-                                  args.batch_size, args.seed)
+                                  args.batch_size, args.seed, args.guidance_channels)
         if args.skip_cache is not None and args.skip_cache < 1:
             raise SampleError(f"--skip-cache must be >= 1, got {args.skip_cache}")
-        model = load_model(args.checkpoint, args.weights, device)
+        model = load_model(args.checkpoint, args.weights, device, args.layout, args.num_heads,
+                           args.decoder_num_heads)
         num_classes = int(model.dataset.get("num_classes") or model.model_kwargs["num_classes"])
         classes = parse_classes(args.classes, num_classes, model.dataset.get("class_names"))
         labels = make_labels(classes, args.per_class, args.num)

@@ -71,13 +71,17 @@ def find_resume(root: str, resume: str) -> Optional[str]:
     return os.path.join(root, tags[-1]) if tags else None
 
 
+RELEASE_SUFFIXES = (".pt", ".pth", ".ckpt")
+"""File names of published releases (torch.save files: DiT, SiT, MaskDiT)."""
+
+
 def resolve_checkpoint(path: str) -> str:
-    """A complete checkpoint directory (or an exported .safetensors file) from a tag directory, a
-    checkpoints root or a run directory (their newest complete checkpoint), or a file."""
+    """A complete checkpoint directory from a tag directory, a checkpoints root or a run directory
+    (their newest complete checkpoint), or a file (an export or a release) as it is."""
     if os.path.isfile(path):
-        if not path.endswith(".safetensors"):
-            raise CheckpointError(f"checkpoint {path}: expected a checkpoint directory or an exported "
-                                  ".safetensors file")
+        if not path.endswith((".safetensors", *RELEASE_SUFFIXES)):
+            raise CheckpointError(f"checkpoint {path}: expected a checkpoint directory, an exported .safetensors "
+                                  f"file or a published release ({', '.join(RELEASE_SUFFIXES)})")
         return path
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -62,17 +62,26 @@ def network_weights(checkpoint: str, which: str = "ema") -> Tuple[Dict[str, torc
             if k.startswith(NET_PREFIX)}, record
 
 
-def export_weights(checkpoint: str, out_path: str, which: str = "ema") -> Dict[str, str]:
-    """Write one safetensors file of network weights (EMA or live model) with the metadata to
-    rebuild the network and sample from it: model name and constructor kwargs, diffusion settings,
-    dataset summary (JSON), step, which weights."""
-    weights, record = network_weights(checkpoint, which)
-    meta = {"model": record.model_name, "model_kwargs": json.dumps(record.model_kwargs),
-            "step": str(record.step), "weights": which,
-            "diffusion": json.dumps(record.config.get("diffusion", {})), "dataset": json.dumps(record.dataset)}
+def write_export(out_path: str, state_dict: Dict[str, torch.Tensor], model_name: str, model_kwargs: Dict[str, Any],
+                 diffusion: Dict[str, Any], dataset: Dict[str, Any], step: int = 0, which: str = "ema",
+                 source: str = "") -> Dict[str, str]:
+    """Write one safetensors file of network weights with the metadata to rebuild the network and
+    sample from it: model name and constructor kwargs, diffusion settings, dataset summary (JSON),
+    step, which weights, and (for a conversion) what it was converted from."""
+    meta = {"model": model_name, "model_kwargs": json.dumps(model_kwargs), "step": str(step), "weights": which,
+            "diffusion": json.dumps(diffusion), "dataset": json.dumps(dataset)}
+    if source:
+        meta["source"] = source
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    save_file(weights, out_path, metadata=meta)
+    save_file({k: v.detach().float().contiguous() for k, v in state_dict.items()}, out_path, metadata=meta)
     return meta
+
+
+def export_weights(checkpoint: str, out_path: str, which: str = "ema") -> Dict[str, str]:
+    """A checkpoint's EMA or live weights as one safetensors file (see write_export)."""
+    weights, record = network_weights(checkpoint, which)
+    return write_export(out_path, weights, record.model_name, record.model_kwargs,
+                        record.config.get("diffusion", {}), record.dataset, record.step, which)
 
 
 def read_exported(path: str, device: str | torch.device = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -183,6 +183,16 @@ class SkipCacheConfig:
             raise ValueError(f"force_full_sigma must be (lo, hi) with 0 <= lo <= hi, got {self.force_full_sigma}")
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: Optional[int] = None) -> torch.Tensor:
+    """Classifier-free guidance uncond + scale (cond - uncond) on every channel, or on the first
+    `channels` only with the rest taken from the conditional half (the DiT release's sampler guides
+    3 of its 4 latent channels; `channels=3` reproduces it)."""
+    guided = uncond + scale * (cond - uncond)
+    if channels is None or channels >= cond.shape[1]:
+        return guided
+    return torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
+
+
 class GuidedModel:
     """model(x, sigma) for samplers: a Denoiser with labels, guidance and Skip-Cache.
 
@@ -190,11 +200,15 @@ class GuidedModel:
     and, for Skip-Cache, `new_skip_cache(n_keep)`. guidance_scale s: D_uncond + s (D_cond -
     D_uncond) on all channels; s = 1 runs the conditional half only. guidance_interval (lo, hi):
     guide only where lo < sigma <= hi (Kynkaanniemi et al. 2024), conditional elsewhere.
+    guidance_channels k: guide the first k channels only (see `guide`).
     """
 
     def __init__(self, denoiser, y: torch.Tensor, guidance_scale: float = 1.0,
                  guidance_interval: Optional[Tuple[float, float]] = None,
-                 skip_cache: Optional[SkipCacheConfig] = None):
+                 skip_cache: Optional[SkipCacheConfig] = None, guidance_channels: Optional[int] = None):
+        if guidance_channels is not None and guidance_channels < 1:
+            raise ValueError(f"guidance_channels must be >= 1, got {guidance_channels}")
+        self.channels = guidance_channels
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         if guidance_interval is not None and not 0 <= guidance_interval[0] < guidance_interval[1]:
@@ -242,7 +256,7 @@ class GuidedModel:
         if not guided:
             return out
         cond, uncond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        return guide(cond, uncond, self.scale, self.channels)
 
 
 @dataclass
@@ -264,11 +278,11 @@ class SampleResult:
 def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, sampler: str = "heun",
            guidance_scale: float = 1.0, guidance_interval: Optional[Tuple[float, float]] = None,
            skip_cache: Optional[SkipCacheConfig] = None,
-           generator: Generators = None) -> SampleResult:
+           generator: Generators = None, guidance_channels: Optional[int] = None) -> SampleResult:
     """Generate from standard-normal noise [B, C, H, W] and labels y [B] on the grid `sigmas`.
 
     sampler: 'heun', 'euler', 'ddim' (= euler) or 'ddpm' (ancestral; uses `generator`: one, or one
-    per image for batch-independent results).
+    per image for batch-independent results). guidance_channels: see `guide`.
     Pair 'heun' / 'euler' with karras_sigmas and 'ddpm' / 'ddim' with ddpm_sigmas as a rule;
     any decreasing grid ending in 0 works with any sampler. Put the network in eval() mode first:
     in train() mode it drops labels to the null class at random.
@@ -277,7 +291,7 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: tor
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0 or bool((sigmas[1:] >= sigmas[:-1]).any()):
         raise ValueError("sigmas must be a 1-D decreasing grid ending with 0")
-    model = GuidedModel(denoiser, y, guidance_scale, guidance_interval, skip_cache)
+    model = GuidedModel(denoiser, y, guidance_scale, guidance_interval, skip_cache, guidance_channels)
     x = SAMPLERS[sampler].run(model, noise * float(sigmas[0]), sigmas, generator=generator)
     blocks = model.cache.blocks_run if model.cache is not None else None
     return SampleResult(x, model.full_steps, model.cached_steps, blocks)

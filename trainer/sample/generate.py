@@ -121,6 +121,7 @@ class SampleSettings:
     skip_cache_full_sigma: Optional[Tuple[float, float]] = None
     batch_size: int = 64
     seed: int = 0
+    guidance_channels: Optional[int] = None
 
     def resolved_steps(self) -> int:
         """--steps, or the sampler's usual count."""
@@ -152,6 +153,10 @@ def check_settings(model: LoadedModel, s: SampleSettings) -> Tuple[torch.Tensor,
         raise SampleError(f"--guidance-scale must be a finite number, got {s.guidance_scale}")
     if s.guidance_interval is not None and not 0 <= s.guidance_interval[0] < s.guidance_interval[1]:
         raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO < HI, got {s.guidance_interval}")
+    channels = model.denoiser.net.in_channels
+    if s.guidance_channels is not None and not 1 <= s.guidance_channels <= channels:
+        raise SampleError(f"--guidance-channels must be in 1..{channels} (the model's latent channels), got "
+                          f"{s.guidance_channels}")
     try:
         sigmas = default_sigmas(s.sampler, s.resolved_steps(), getattr(model.denoiser.precond, "schedule", None))
     except ValueError as err:
@@ -207,7 +212,7 @@ def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: Sam
         stochastic = SAMPLERS[settings.sampler].stochastic  # its step noise per image: batch-independent
         gens = [step_generator(settings.seed, int(i), device) for i in idx] if stochastic else None
         out = sample(model.denoiser, noise, y, sigmas.to(device), settings.sampler, settings.guidance_scale,
-                     settings.guidance_interval, skip, generator=gens)
+                     settings.guidance_interval, skip, generator=gens, guidance_channels=settings.guidance_channels)
         with torch.no_grad():
             images = _to_uint8(decode_latents(out.x, scaling, encoder, decoder))
         if part_images is None:

@@ -1,10 +1,9 @@
-"""The one loader of trained weights for sampling: a checkpoint directory (EMA or live weights,
-through the checkpoint record) or an `mdt-export` file, rebuilt as a network with its
+"""The one loader of weights for sampling: a checkpoint directory (EMA or live weights, through the
+checkpoint record), an `mdt-export` file or a published release, rebuilt as a network with its
 preconditioning and what decoding needs to know about its data."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -15,7 +14,7 @@ from data_tools.format import DataToolsError
 from data_tools.vae import load_autoencoder
 from model_zoo.registry import build_model
 
-from ..checkpoints import WEIGHT_KINDS, CheckpointError, network_weights, read_exported, resolve_checkpoint
+from ..checkpoints import WEIGHT_KINDS, CheckpointError, read_network
 from ..config import ConfigError, DiffusionConfig
 from ..config.parsing import config_from_dict
 from ..diffusion import Denoiser
@@ -36,6 +35,8 @@ class LoadedModel:
     step: int
     weights: str
     source: str
+    kind: str = "checkpoint"
+    """checkpoint, export, dit-release or maskdit-release (trainer.checkpoints.NetworkSource)."""
 
     @property
     def skip(self) -> bool:
@@ -50,38 +51,34 @@ def _diffusion(settings: Dict[str, Any], where: str) -> DiffusionConfig:
         raise SampleError(f"diffusion settings of {where}: {err}") from None
 
 
-def load_model(path: str, weights: Optional[str] = None, device: torch.device | str = "cpu") -> LoadedModel:
-    """Network + preconditioning from a checkpoint (EMA weights unless weights='model') or an
-    exported safetensors file (whichever weights it holds)."""
+def load_model(path: str, weights: Optional[str] = None, device: torch.device | str = "cpu",
+               layout: Optional[str] = None, num_heads: Optional[int] = None,
+               decoder_num_heads: Optional[int] = None) -> LoadedModel:
+    """Our network with the preconditioning it was trained with, from anything
+    trainer.checkpoints.read_network reads: a checkpoint (EMA weights unless weights='model'), an
+    exported safetensors file, or a published DiT / MaskDiT release (`layout`, `num_heads`,
+    `decoder_num_heads` as there). `LoadedModel.kind` says which."""
     if weights not in (None, *WEIGHT_KINDS):
         raise SampleError(f"--weights must be one of {', '.join(WEIGHT_KINDS)}, got {weights!r}")
     try:
-        resolved = resolve_checkpoint(path)
-        if os.path.isfile(resolved):
-            state_dict, meta = read_exported(resolved)
-            which = meta["weights"]
-            if weights not in (None, which):
-                raise SampleError(f"{resolved} holds {which} weights only (asked for --weights {weights})")
-            name, kwargs, step = meta["model"], meta["model_kwargs"], meta["step"]
-            diffusion, dataset = meta["diffusion"], meta["dataset"]
-        else:
-            which = weights or "ema"
-            state_dict, record = network_weights(resolved, which)
-            name, kwargs, step = record.model_name, record.model_kwargs, record.step
-            diffusion, dataset = record.config.get("diffusion", {}), record.dataset
+        src = read_network(path, weights, layout, num_heads, decoder_num_heads)
     except CheckpointError as err:
         raise SampleError(str(err)) from None
-    if not dataset.get("latent_shape"):
-        raise SampleError(f"{resolved} carries no dataset summary (latent shape, encoder): re-save or re-export "
+    if src.kind == "sit-release":
+        raise SampleError(f"{src.path} is a SiT release: a flow-matching (velocity) model, which needs a "
+                          "preconditioning this version does not have yet")
+    if not src.dataset.get("latent_shape"):
+        raise SampleError(f"{src.path} carries no dataset summary (latent shape, encoder): re-save or re-export "
                           f"it with this version of the trainer")
     try:
-        net = build_model(name, **kwargs)
-        net.load_state_dict(state_dict)
+        net = build_model(src.model_name, **src.model_kwargs)
+        net.load_state_dict(src.state_dict)
     except (ValueError, RuntimeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise SampleError(f"cannot rebuild {name} from {resolved}: {first}") from None
-    denoiser = _diffusion(diffusion, resolved).denoiser(net.eval().requires_grad_(False))
-    return LoadedModel(denoiser.to(device), name, kwargs, dataset, step, which, resolved)
+        raise SampleError(f"cannot rebuild {src.model_name} from {src.path}: {first}") from None
+    denoiser = _diffusion(src.diffusion, src.path).denoiser(net.eval().requires_grad_(False))
+    return LoadedModel(denoiser.to(device), src.model_name, src.model_kwargs, src.dataset, src.step, src.weights,
+                       src.path, src.kind)
 
 
 def load_decoder(model: LoadedModel, vae: Optional[str], device: torch.device) -> Optional[nn.Module]:
