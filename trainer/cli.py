@@ -109,6 +109,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .training.data import check_shards  # noqa: PLC0415
 
         check_shards(cfg.data)
+        if cfg.model.init_from:
+            from .training.init_from import check_init_from_config  # noqa: PLC0415
+
+            check_init_from_config(cfg)
     except ConfigError as err:
         print(f"mdt-train: error: {err}", file=sys.stderr)
         return 2

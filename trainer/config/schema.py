@@ -76,6 +76,15 @@ class ModelConfig:
     output says when it compiles."""
     compile_backend: str = "inductor"
     """The torch.compile backend (aot_eager or eager trace without generating kernels: for checks)."""
+    init_from: str = ""
+    """Start the run from these weights (fine-tuning): a checkpoint directory, an mdt-export file or a
+    published DiT / SiT / MaskDiT release (.pt). Loaded before ZeRO partitions them; the EMA starts
+    from them; optimizer fresh, step 0. Tensors the source lacks or holds in another shape (a new
+    decoder, skip branches, another class count) are named in one line and initialised as usual.
+    Ignored when the run resumes from its own checkpoint."""
+    init_strict: bool = False
+    """Refuse (before launch) an init_from source that does not cover every tensor of the model
+    exactly, or holds tensors the model does not use."""
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import deepspeed
 import numpy as np
@@ -37,13 +37,15 @@ def compiled_graphs() -> int:
 
 def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[str, Any], rank: int,
                  compile_model: bool = False, compile_backend: str = "inductor",
-                 token_counts: int = 2) -> deepspeed.DeepSpeedEngine:
+                 token_counts: int = 2,
+                 init_weights: Optional[Callable[[torch.nn.Module], None]] = None) -> deepspeed.DeepSpeedEngine:
     """Build the module (under zero.Init for ZeRO-3) and wrap it in a DeepSpeed engine.
 
     With compile_model the engine is compiled with `compile_backend`, allowing at least
     `token_counts` graphs. Under zero.Init every parameter is partitioned as soon as its module is
     built, so the model's own initialisation ran on empty shards: it is re-applied on rank 0 with
-    the parameters gathered, and DeepSpeed scatters the result.
+    the parameters gathered, and DeepSpeed scatters the result. `init_weights(net)` then sets
+    weights of the network (model.init_from) the same way: whole, before partitioning.
     """
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -51,8 +53,12 @@ def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[st
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
             if rank == 0:
                 module.net.initialize_weights()
+                if init_weights is not None:
+                    init_weights(module.net)
     else:
         module = build_module()
+        if init_weights is not None:  # every rank alike (not left to DeepSpeed's broadcast from rank 0)
+            init_weights(module.net)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
                                            config=ds_config)
     if compile_model:

@@ -5,7 +5,7 @@ the plan and lets each component decide when it acts. Resume is rerunning the sa
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -22,6 +22,7 @@ from .data import LatentLoader, build_latent_loader
 from .ema import EMA, ShardedEMA
 from .engine import build_engine, compiled_graphs, deepspeed_config, seed_step
 from .evaluator import Evaluator, build_evaluator
+from .init_from import apply_init, read_source
 from .monitor import Monitor, measure_peak_flops
 from .previews import SampleGrids
 from .recovery import Diverged, Recovery
@@ -63,7 +64,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         beat("building the engine")
         self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank,
-                                   cfg.model.compile, cfg.model.compile_backend, cfg.phases.schedule_levels + 2)
+                                   cfg.model.compile, cfg.model.compile_backend, cfg.phases.schedule_levels + 2,
+                                   self._init_weights())
         self.num_tokens = self.engine.module.net.num_tokens
         self._graphs = compiled_graphs()
         shadow = build_model(cfg.model.name, **kwargs).to(device)
@@ -86,6 +88,24 @@ class Trainer:
         self.vote = HostVote(host_group(world), 2)  # [stop requested, time limit reached], agreed each step
         self._step_losses: list = []  # (step, phase, loss on the device) for the spike watch, read on log steps
         self._mark = time.perf_counter()  # training time counts from here; saves and evaluations do not
+
+    def _init_weights(self) -> Optional[Callable[[torch.nn.Module], None]]:
+        """The model.init_from step of building the engine, or None (no init_from, or resuming)."""
+        cfg, rank = self.cfg, self.dist.rank
+        if not cfg.model.init_from:
+            return None
+        if self.resume_from:
+            if rank == 0:
+                print(f"model.init_from ignored: resuming from {self.resume_from}", flush=True)
+            return None
+        self.beat(f"reading model.init_from {cfg.model.init_from}")
+
+        def load(net: torch.nn.Module) -> None:
+            plan = apply_init(net, read_source(cfg))
+            if rank == 0:
+                print(plan.line(), flush=True)
+
+        return load
 
     def train(self) -> RunState:
         """Run the plan from the latest checkpoint (or the start) to the end; returns the counters."""
