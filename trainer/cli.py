@@ -175,12 +175,20 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def export_main(argv: Optional[List[str]] = None) -> int:
-    """mdt-export: one safetensors file of EMA (default) or live weights from a checkpoint."""
+    """mdt-export: the EMA (default) or live weights of a checkpoint as one safetensors file, or
+    (--format diffusers) anything mdt-sample reads as a diffusers DiT folder."""
     p = OneLineParser(prog="mdt-export", description=export_main.__doc__)
-    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/NAME/checkpoints/step00010000")
-    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/NAME/checkpoints/step00010000 (with "
+                                      "--format diffusers also an export or a release file)")
+    p.add_argument("--out", required=True, help="output .safetensors path, or the folder for --format diffusers")
     p.add_argument("--which", choices=WEIGHT_KINDS, default="ema")
+    p.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors",
+                   help="safetensors: our file for mdt-sample / init_from; diffusers: a DiTTransformer2DModel folder "
+                        "with a scheduler config")
+    _release_options(p)
     args = p.parse_args(argv)
+    if args.format == "diffusers":
+        return _export_diffusers(args)
     if not is_complete(args.checkpoint):
         print(f"mdt-export: error: {args.checkpoint} is not a complete checkpoint (no {COMPLETE} file)",
               file=sys.stderr)
@@ -191,6 +199,21 @@ def export_main(argv: Optional[List[str]] = None) -> int:
         print(f"mdt-export: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({meta['weights']} weights of {meta['model']} at step {meta['step']})")
+    return 0
+
+
+def _export_diffusers(args: argparse.Namespace) -> int:
+    from .checkpoints import read_network  # noqa: PLC0415
+    from .checkpoints.diffusers_export import export_diffusers  # noqa: PLC0415
+
+    try:
+        src = read_network(args.checkpoint, args.which, args.layout, args.num_heads, args.decoder_num_heads)
+        export_diffusers(src, args.out)
+    except CheckpointError as err:
+        print(f"mdt-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: DiTTransformer2DModel.from_pretrained({args.out!r}) and its scheduler config "
+          f"({src.kind} {src.model_name}); see docs/diffusers.md for the timestep-embedding difference")
     return 0
 
 
