@@ -78,6 +78,7 @@ def test_what_diffusers_cannot_hold_is_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "MaskDiT has no diffusers model class" in err[0], err
     kwargs = dict(input_size=8, in_channels=4, num_classes=10, hidden_size=32, depth=2, num_heads=2, skip=True)
     net = build_model("DiT-S/2", **kwargs)
-    write_export(str(tmp_path / "skip.safetensors"), net.state_dict(), "DiT-S/2", kwargs, {}, {"latent_shape": [4, 8, 8]})
+    write_export(str(tmp_path / "skip.safetensors"), net.state_dict(), "DiT-S/2", kwargs, {},
+                 {"latent_shape": [4, 8, 8]})
     assert export_main([str(tmp_path / "skip.safetensors"), "--format", "diffusers", "--out", str(tmp_path / "s")]) == 2
     assert "Skip-DiT model (model.skip) has no diffusers model class" in capsys.readouterr().err

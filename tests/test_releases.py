@@ -19,7 +19,7 @@ from model_zoo.releases import ReleaseError, convert_release
 from trainer.checkpoints import CheckpointError, read_network
 from trainer.cli import convert_main, sample_main
 from trainer.diffusion.samplers import GuidedModel, guide
-from trainer.sample.loading import SampleError, load_model
+from trainer.sample.loading import load_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference_checkpoints"
 TOL = 1e-5
@@ -77,7 +77,7 @@ def test_maskdit_release_matches_the_reference_denoiser():
                                    atol=TOL)
 
 
-def test_sit_release_network_matches_and_sampling_it_is_refused_for_now():
+def test_sit_release_network_matches_the_reference():
     src = read_network(str(FIXTURES / "sit_tiny.pt"), num_heads=2)  # the file name marks it as SiT's
     assert src.kind == "sit-release"
     net = build_model(src.model_name, **src.model_kwargs).eval()
@@ -86,8 +86,7 @@ def test_sit_release_network_matches_and_sampling_it_is_refused_for_now():
     with torch.no_grad():
         out = net(ref["x"], ref["t"], ref["y"]).sample[:, :4]  # SiT returns the velocity channels only
     torch.testing.assert_close(out, ref["out"], rtol=0, atol=TOL)
-    with pytest.raises(SampleError, match="SiT release: a flow-matching"):
-        load_model(str(FIXTURES / "sit_tiny.pt"), num_heads=2)
+    assert src.diffusion["preconditioning"] == "flow"  # its denoiser: tests/test_flow_matching.py
 
 
 @pytest.mark.parametrize("listing,name", [("dit_xl2_256_keys.json", "DiT-XL/2"),

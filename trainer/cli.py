@@ -248,9 +248,6 @@ def convert_main(argv: Optional[List[str]] = None) -> int:
         print(f"mdt-convert: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {src.kind} {src.model_name} {json.dumps(src.model_kwargs)}")
-    if src.kind == "sit-release":
-        print("note: SiT is a flow-matching model; this version cannot sample it yet (no flow-matching "
-              "preconditioning), but model.init_from can start a run from it")
     return 0
 
 

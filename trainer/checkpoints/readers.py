@@ -20,8 +20,8 @@ from .weights import network_weights, read_exported
 RELEASE_DIFFUSION: Dict[str, Dict[str, Any]] = {
     # DiT: epsilon prediction on DDPM's linear schedule (1e-4..0.02, 1000 steps), integer timesteps
     "dit": {"preconditioning": "vp_eps", "sigma_sampler": "ddpm_linear"},
-    # SiT: a flow-matching velocity model, which this version cannot sample (no such preconditioning)
-    "sit": {},
+    # SiT: flow matching on the linear interpolant, velocity prediction, t uniform in training
+    "sit": {"preconditioning": "flow", "sigma_sampler": "flow_uniform"},
     # MaskDiT: EDM preconditioning, sigma_data 0.5, c_noise = ln(sigma) / 4
     "maskdit": {"preconditioning": "edm", "sigma_data": 0.5},
 }

@@ -92,9 +92,11 @@ class DiffusionConfig:
     """Noise levels, parameterisation and loss (see trainer.diffusion)."""
 
     preconditioning: str = "edm"
-    """The parameterisation of the network output (EDM, or VP with epsilon-, v- or x0-prediction)."""
+    """The parameterisation of the network output (EDM; VP with epsilon-, v- or x0-prediction; flow:
+    flow matching on the linear interpolant with velocity prediction, SiT's conventions)."""
     sigma_sampler: str = "lognormal"
-    """Training noise levels: EDM's log-normal sigma, or uniform timesteps of a DDPM schedule."""
+    """Training noise levels: EDM's log-normal sigma, uniform timesteps of a DDPM schedule, or
+    flow-matching times t (uniform, or logit-normal (0, 1)) as sigma = t / (1 - t)."""
     p_mean: float = -1.2
     """Mean of ln(sigma) for the lognormal sampler."""
     p_std: float = 1.2

@@ -26,6 +26,7 @@ from .preconditioning import (
     PRECONDITIONINGS,
     Denoiser,
     EDMPrecond,
+    FlowPrecond,
     Preconditioning,
     VPPrecond,
     make_denoiser,
@@ -39,6 +40,7 @@ from .samplers import (
     SkipCacheConfig,
     ddpm_sigmas,
     default_sigmas,
+    flow_sigmas,
     karras_sigmas,
     sample,
 )
@@ -48,9 +50,9 @@ __all__ = [
     "SCHEDULES", "SIGMA_CEIL", "SIGMA_FLOOR", "SIGMA_SAMPLERS", "DDPMSchedule", "DiscreteSigma", "LogNormalSigma",
     "SigmaSampler", "column", "ddpm_schedule_for", "make_sigma_sampler", "snr",
     "LossOutput", "maskdit_loss", "normalize_patches", "per_token_mse", "training_losses",
-    "PRECONDITIONINGS", "Denoiser", "EDMPrecond", "Preconditioning", "VPPrecond", "make_denoiser",
+    "PRECONDITIONINGS", "Denoiser", "EDMPrecond", "FlowPrecond", "Preconditioning", "VPPrecond", "make_denoiser",
     "make_preconditioning",
     "SAMPLERS", "GuidedModel", "SampleResult", "SamplerSpec", "SkipCacheConfig", "ddpm_sigmas", "default_sigmas",
-    "karras_sigmas", "sample",
+    "flow_sigmas", "karras_sigmas", "sample",
     "WEIGHTINGS", "LossWeighting",
 ]

@@ -139,6 +139,30 @@ class DiscreteSigma:
         return self.schedule.t_to_sigma(t)
 
 
+FLOW_T_MAX = 1.0 - 1e-6
+"""The largest t a flow sampler draws (sigma = t / (1 - t) stays finite)."""
+
+
+class FlowTimeSigma:
+    """Flow-matching training times: t uniform on (0, 1), or logit-normal (logit t ~ N(0, 1), as
+    in SD3), as sigma = t / (1 - t)."""
+
+    def __init__(self, kind: str = "logit_normal"):
+        if kind not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown flow time distribution {kind!r} (uniform or logit_normal)")
+        self.kind = kind
+
+    def __call__(self, batch_size: int, device: torch.device | str = "cpu",
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw batch_size sigmas (float32) on device."""
+        if self.kind == "uniform":
+            t = torch.rand(batch_size, device=device, generator=generator)
+        else:
+            t = torch.randn(batch_size, device=device, generator=generator).sigmoid()
+        t = t.clamp(max=FLOW_T_MAX)
+        return t / (1.0 - t)
+
+
 def ddpm_schedule_for(sigma_sampler: str) -> Optional[DDPMSchedule]:
     """The DDPM schedule a sigma sampler name implies ('ddpm_cosine' -> cosine), else None.
 
@@ -156,6 +180,8 @@ SigmaSampler = Callable[..., torch.Tensor]
 
 SIGMA_SAMPLERS: Dict[str, Callable[[float, float, Optional[DDPMSchedule]], SigmaSampler]] = {
     "lognormal": lambda p_mean, p_std, schedule: LogNormalSigma(p_mean, p_std),
+    "flow_uniform": lambda p_mean, p_std, schedule: FlowTimeSigma("uniform"),
+    "flow_logit_normal": lambda p_mean, p_std, schedule: FlowTimeSigma("logit_normal"),
     # one uniform-timestep sampler per DDPM schedule: ddpm_linear, ddpm_cosine, ddpm_linear_zsnr, ...
     **{f"ddpm_{kind}{suffix}": (lambda p_mean, p_std, schedule, kind=kind, zero=bool(suffix):
                                 DiscreteSigma(schedule or DDPMSchedule(kind, zero_terminal_snr=zero)))

@@ -85,11 +85,28 @@ class VPPrecond(Preconditioning):
         return c_skip, c_out, c_in, self.schedule.sigma_to_t(sigma)
 
 
+class FlowPrecond(Preconditioning):
+    """Flow matching on the linear interpolant x_t = (1 - t) x0 + t n (SiT, Ma et al. 2024) in sigma
+    form: sigma = t / (1 - t) and x_t = x / (1 + sigma), so t = sigma / (1 + sigma) and
+    c_in = 1 - t. The network predicts the velocity, with SiT's conventions so that its releases
+    load as they are: its time input is 1 - t (1 at the data end) and its output x0 - n (the
+    negative of d x_t / dt). Then D = x_t + t F: c_skip = 1 - t, c_out = t.
+    """
+
+    name = "flow"
+
+    def scalings(self, sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """c_skip = c_in = c_noise = 1 / (1 + sigma) = 1 - t, c_out = sigma / (1 + sigma) = t."""
+        one_minus_t = (1.0 + sigma).reciprocal()
+        return one_minus_t, sigma * one_minus_t, one_minus_t, one_minus_t
+
+
 PRECONDITIONINGS: Dict[str, Callable[[float, Optional[DDPMSchedule]], Preconditioning]] = {
     "edm": lambda sigma_data, schedule: EDMPrecond(sigma_data),
     "vp_eps": lambda sigma_data, schedule: VPPrecond("eps", schedule),
     "vp_v": lambda sigma_data, schedule: VPPrecond("v", schedule),
     "vp_x0": lambda sigma_data, schedule: VPPrecond("x0", schedule),
+    "flow": lambda sigma_data, schedule: FlowPrecond(),
 }
 """Preconditionings: name -> builder(sigma_data, DDPM schedule or None)."""
 

@@ -58,6 +58,17 @@ def ddpm_sigmas(schedule: DDPMSchedule, steps: int) -> torch.Tensor:
     return torch.cat([grid, grid.new_zeros(1)])
 
 
+def flow_sigmas(steps: int, t_max: float = 0.999) -> torch.Tensor:
+    """A flow-matching grid: steps times evenly spaced from t_max down to t = 1 / steps (then 0),
+    as sigma = t / (1 - t); t_max < 1 keeps the first sigma finite (999 at the default)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < t_max < 1:
+        raise ValueError(f"t_max must be in (0, 1), got {t_max}")
+    t = torch.linspace(t_max, 0, steps + 1, dtype=torch.float64)
+    return t / (1 - t)
+
+
 # ----------------------------------------------------------------------------- samplers
 
 
@@ -91,6 +102,25 @@ def euler_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
         denoised = model(x, cur)
         x = denoised + (nxt / cur) * (x - denoised)
     return x
+
+
+def heun_t_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Heun on the flow ODE in t (SiT's sampler): x_t = x / (1 + sigma), t = sigma / (1 + sigma),
+    d x_t / dt = (x_t - D) / t. Its Euler step is exactly the Euler step in sigma; its Heun step is
+    not (docs/diffusion.md derives both), hence this sampler. Works on any grid; the last step
+    (to t = 0) is Euler."""
+    s = _floats(sigmas)
+    xt = x / (1.0 + s[0])
+    for cur, nxt in zip(s[:-1], s[1:]):
+        t, t_next = cur / (1.0 + cur), nxt / (1.0 + nxt)
+        v = (xt - model(xt * (1.0 + cur), cur)) / t
+        xt_next = xt + (t_next - t) * v
+        if nxt > 0:
+            v_next = (xt_next - model(xt_next * (1.0 + nxt), nxt)) / t_next
+            xt_next = xt + (t_next - t) * 0.5 * (v + v_next)
+        xt = xt_next
+    return xt * (1.0 + s[-1])
 
 
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -133,7 +163,8 @@ class SamplerSpec:
 
     run: Sampler
     grid: str
-    """'karras' (EDM's grid) or 'ddpm' (the DDPM schedule's timesteps, as DiT samples)."""
+    """'karras' (EDM's grid), 'ddpm' (the DDPM schedule's timesteps, as DiT samples) or 'flow'
+    (evenly spaced in t). A flow-matching model samples on the flow grid whatever the sampler."""
     default_steps: int
     stochastic: bool = False
     """Draws noise at every step (from `generator`: one per image keeps images batch-independent)."""
@@ -144,16 +175,22 @@ SAMPLERS: Dict[str, SamplerSpec] = {
     "euler": SamplerSpec(euler_sampler, "karras", 50),
     "ddim": SamplerSpec(euler_sampler, "ddpm", 50),
     "ddpm": SamplerSpec(ddpm_ancestral_sampler, "ddpm", 250, stochastic=True),
+    "heun_t": SamplerSpec(heun_t_sampler, "flow", 25),
 }
 """Samplers: name -> SamplerSpec (ddim is the Euler step on the DDPM grid)."""
 
 
-def default_sigmas(sampler: str, steps: int, schedule: Optional[DDPMSchedule] = None) -> torch.Tensor:
+def default_sigmas(sampler: str, steps: int, schedule: Optional[DDPMSchedule] = None,
+                   preconditioning: str = "") -> torch.Tensor:
     """The usual grid for a sampler: EDM's for 'heun' / 'euler', the DDPM schedule's (linear unless
-    given) for 'ddpm' / 'ddim', so that DiT-style runs use the timesteps the model was trained on."""
+    given) for 'ddpm' / 'ddim', so that DiT-style runs use the timesteps the model was trained on;
+    evenly spaced in t for a flow-matching model (preconditioning 'flow') and for 'heun_t'."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    if SAMPLERS[sampler].grid == "karras":
+    grid = "flow" if preconditioning == "flow" else SAMPLERS[sampler].grid
+    if grid == "flow":
+        return flow_sigmas(steps)
+    if grid == "karras":
         return karras_sigmas(steps)
     return ddpm_sigmas(schedule if schedule is not None else DDPMSchedule("linear"), steps)
 

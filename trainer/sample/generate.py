@@ -158,7 +158,8 @@ def check_settings(model: LoadedModel, s: SampleSettings) -> Tuple[torch.Tensor,
         raise SampleError(f"--guidance-channels must be in 1..{channels} (the model's latent channels), got "
                           f"{s.guidance_channels}")
     try:
-        sigmas = default_sigmas(s.sampler, s.resolved_steps(), getattr(model.denoiser.precond, "schedule", None))
+        sigmas = default_sigmas(s.sampler, s.resolved_steps(), getattr(model.denoiser.precond, "schedule", None),
+                                model.denoiser.precond.name)
     except ValueError as err:
         raise SampleError(f"--steps: {err}") from None
     skip = None

@@ -64,9 +64,6 @@ def load_model(path: str, weights: Optional[str] = None, device: torch.device | 
         src = read_network(path, weights, layout, num_heads, decoder_num_heads)
     except CheckpointError as err:
         raise SampleError(str(err)) from None
-    if src.kind == "sit-release":
-        raise SampleError(f"{src.path} is a SiT release: a flow-matching (velocity) model, which needs a "
-                          "preconditioning this version does not have yet")
     if not src.dataset.get("latent_shape"):
         raise SampleError(f"{src.path} carries no dataset summary (latent shape, encoder): re-save or re-export "
                           f"it with this version of the trainer")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..diffusion import Denoiser, karras_sigmas, sample
+from ..diffusion import Denoiser, default_sigmas, sample
 
 
 def decode_latents(z: torch.Tensor, scaling_factor: float, encoder: dict,
@@ -58,9 +58,10 @@ def save_png(grid: torch.Tensor, path: str) -> str:
 @torch.no_grad()
 def preview_grid(denoiser: Denoiser, count: int, steps: int, guidance_scale: float, latent_shape: Sequence[int],
                  num_classes: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """EDM Heun samples with guidance for classes 0, 1, 2, ... (cycling); fixed noise per seed."""
+    """EDM Heun samples (on the flow grid for a flow-matching model) with guidance for classes 0, 1,
+    2, ... (cycling); fixed noise per seed."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(count, *latent_shape, generator=gen).to(device)
     y = (torch.arange(count) % num_classes).to(device)
-    sigmas = karras_sigmas(steps).to(device)
+    sigmas = default_sigmas("heun", steps, preconditioning=denoiser.precond.name).to(device)
     return sample(denoiser, noise, y, sigmas, sampler="heun", guidance_scale=guidance_scale).x

@@ -53,7 +53,7 @@ def generate_features(denoiser: Denoiser, count: int, batch_size: int, rank: int
     makes it; `to_images` decodes latents to [B, 3, H, W] in [0, 1], each featurizer maps uint8
     images [B, H, W, 3] to an array with one row per image."""
     schedule = getattr(denoiser.precond, "schedule", None)
-    sigmas = default_sigmas(sampler, steps, schedule).to(device)
+    sigmas = default_sigmas(sampler, steps, schedule, denoiser.precond.name).to(device)
     skip = SkipCacheConfig(skip_cache) if skip_cache else None
     mine = {}
     for b, idx in batches_of(count, batch_size, rank, world_size):
