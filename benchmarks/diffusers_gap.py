@@ -10,7 +10,7 @@ its VAE: the digits model works on pixels):
   ours    our network itself in the same loop (the reference: `fixed` must equal it)
 
 and prints the mean absolute pixel difference to `ours` and the held-out digits classifier's
-accuracy for each (docs/diffusers.md has the numbers):
+accuracy for each (docs/releases.md has the numbers):
 
     python benchmarks/diffusers_gap.py runs/NAME/checkpoints/step00001500 [--steps 50] [--n 500]
 """

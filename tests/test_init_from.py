@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from model_zoo.registry import build_model
-from trainer.checkpoints import read_network, write_export
+from trainer.checkpoints import COMPLETE, CheckpointRecord, make_tag, read_network, write_export, write_record
 from trainer.cli import main as train_main
-from trainer.config import config_from_dict
-from trainer.training.init_from import check_init_from, plan_init
+from trainer.config import ConfigError, config_from_dict
+from trainer.training.init_from import check_init_from, check_init_from_config, plan_init
 
 from launcher import free_port, run, tiny_config, write_config
 
@@ -80,6 +80,21 @@ def test_bad_init_from_is_one_line_before_launch(digits8, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "initialised as usual (not in the source): mask_token, blocks.fusions.*" in err[0], err
     assert err[0].endswith("(model.init_strict: the source must cover the model exactly)")
+
+
+def test_a_resuming_run_does_not_need_its_init_from_source(digits8, tmp_path):
+    """Once the run has its own checkpoint, init_from is ignored: a source deleted since (or a
+    strict plan) must not block the resume."""
+    cfg = config_from_dict(tiny_config(digits8, str(tmp_path / "r"),
+                                       model={"init_from": str(tmp_path / "gone.pt"), "init_strict": True}))
+    with pytest.raises(ConfigError, match="gone.pt does not exist"):
+        check_init_from_config(cfg, 2)
+    path = Path(cfg.run.run_dir()) / "checkpoints" / make_tag(10)
+    path.mkdir(parents=True)
+    write_record(str(path), CheckpointRecord(step=10, images_seen=160, world_size=2, model_name="m",
+                                             model_kwargs={}, config={}))
+    (path / COMPLETE).write_text("")
+    assert check_init_from_config(cfg, 2) is None
 
 
 def test_weights_start_as_the_source_at_zero_2_and_zero_3(digits8, tmp_path):

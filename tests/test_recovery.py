@@ -8,7 +8,7 @@ import pytest
 from trainer.config import ConfigError, config_from_dict
 from trainer.config.schema import MonitorConfig
 from trainer.config.validation import validate
-from trainer.training.recovery import SPIKE_MIN_HISTORY, Diverged, Recovery
+from trainer.training.recovery import SPIKE_MIN_HISTORY, Diverged, Recovery, scale_search
 from trainer.training.stop import RunStopped
 
 
@@ -85,3 +85,11 @@ def test_recovery_keys_are_checked(key, value, message):
     cfg = config_from_dict({"data": {"shards": "x"}, "monitor": {key: value}})
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(cfg, 1)
+
+
+def test_fp16_loss_scale_search_is_not_a_divergence():
+    """fp16's scaler skips and halves its scale on an overflow: routine until the scale is at its
+    minimum, where a skip counts as non-finite like any other precision's."""
+    assert scale_search("fp16", 65536.0) and scale_search("fp16", 2.0)
+    assert not scale_search("fp16", 1.0) and not scale_search("fp16", None)
+    assert not scale_search("bf16", 65536.0) and not scale_search("fp32", 4.0)

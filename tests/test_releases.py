@@ -130,6 +130,24 @@ def test_files_that_are_no_release_get_one_line_naming_what_was_expected(tmp_pat
         read_network(str(pickled))
 
 
+def test_a_training_checkpoint_with_its_args_loads(tmp_path):
+    """The reference code's training checkpoints ({'model', 'ema', 'opt', 'args': Namespace}) load
+    through weights_only with the Namespace allowed as data; the EMA is taken (live weights with
+    weights='model')."""
+    import argparse
+
+    release = torch.load(FIXTURES / "maskdit_tiny.pt", weights_only=True)
+    live = {k: v if "pos_embed" in k else v + 1.0 for k, v in release["ema"].items()}
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": live, "ema": release["ema"], "opt": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(model="DiT-XL/2", lr=1e-4)}, path)
+    ema = read_network(str(path), num_heads=2, decoder_num_heads=2)
+    model = read_network(str(path), weights="model", num_heads=2, decoder_num_heads=2)
+    key = "blocks.blocks.0.attn.qkv.weight"
+    assert torch.equal(ema.state_dict[key], release["ema"]["model.blocks.0.attn.qkv.weight"])
+    assert torch.equal(model.state_dict[key], live["model.blocks.0.attn.qkv.weight"])
+
+
 def test_converted_release_samples_like_the_release_itself(tmp_path, capsys):
     vae = make_tiny_vae(str(tmp_path / "vae"))
     out = tmp_path / "dit.safetensors"

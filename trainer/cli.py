@@ -112,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cfg.model.init_from:
             from .training.init_from import check_init_from_config  # noqa: PLC0415
 
-            check_init_from_config(cfg)
+            check_init_from_config(cfg, world)
     except ConfigError as err:
         print(f"mdt-train: error: {err}", file=sys.stderr)
         return 2
@@ -181,7 +181,8 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/NAME/checkpoints/step00010000 (with "
                                       "--format diffusers also an export or a release file)")
     p.add_argument("--out", required=True, help="output .safetensors path, or the folder for --format diffusers")
-    p.add_argument("--which", choices=WEIGHT_KINDS, default="ema")
+    p.add_argument("--which", choices=WEIGHT_KINDS, default=None,
+                   help="ema (default) or model: which weights of a checkpoint (an export holds one kind)")
     p.add_argument("--format", choices=("safetensors", "diffusers"), default="safetensors",
                    help="safetensors: our file for mdt-sample / init_from; diffusers: a DiTTransformer2DModel folder "
                         "with a scheduler config")
@@ -194,7 +195,7 @@ def export_main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        meta = export_weights(args.checkpoint, args.out, args.which)
+        meta = export_weights(args.checkpoint, args.out, args.which or "ema")
     except CheckpointError as err:
         print(f"mdt-export: error: {err}", file=sys.stderr)
         return 2
@@ -213,7 +214,7 @@ def _export_diffusers(args: argparse.Namespace) -> int:
         print(f"mdt-export: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: DiTTransformer2DModel.from_pretrained({args.out!r}) and its scheduler config "
-          f"({src.kind} {src.model_name}); see docs/diffusers.md for the timestep-embedding difference")
+          f"({src.kind} {src.model_name}); see docs/releases.md for the timestep-embedding difference")
     return 0
 
 

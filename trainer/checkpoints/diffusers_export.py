@@ -3,12 +3,14 @@
 config matching how it was trained. Written directly (config.json, diffusion_pytorch_model.
 safetensors, scheduler_config.json): no diffusers model is built here.
 
-Two facts a diffusers user must know (docs/diffusers.md measures them):
+Facts a diffusers user must know (docs/releases.md measures them):
 - diffusers' DiT embeds timesteps with frequencies exp(-ln(1e4) k / (half - 1)) (its `Timesteps`
   has downscale_freq_shift=1 hard-coded); ours, like the DiT release, exp(-ln(1e4) k / half). The
   tensors map exactly; outputs agree to float precision once each block's
   `norm1.emb.time_proj.downscale_freq_shift` is set to 0 on the loaded model.
 - DiTPipeline's guidance uses label 1000 as the null class: guided sampling needs 1000 classes.
+- DiTPipeline does not scale its starting noise by the scheduler's init_noise_sigma: it samples VP
+  models (DDIM, init_noise_sigma 1); an EDM model needs a loop that starts from noise x sigma_max.
 MaskDiT (its decoder runs at another width) and Skip-DiT models (long skips) have no diffusers
 class and are refused.
 """
@@ -27,8 +29,8 @@ from model_zoo.registry import MODELS
 from .readers import NetworkSource
 from .record import CheckpointError
 
-DIFFUSERS_VERSION = "0.27.0"
-"""Written into the configs (the oldest diffusers with DiTTransformer2DModel; newer ones read it)."""
+DIFFUSERS_VERSION = "0.28.0"
+"""Written into the configs (the first diffusers with DiTTransformer2DModel; newer ones read it)."""
 
 
 def dit_to_diffusers(sd: Dict[str, torch.Tensor], depth: int) -> Dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ read with torch.load(weights_only=True): tensors only, no pickled code runs."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -62,7 +63,10 @@ def read_release(path: str, weights: Optional[str] = None, layout: Optional[str]
     """A published release file as our weights. A file whose name contains 'sit' is taken as SiT's
     (its layout is DiT's) unless `layout` says otherwise."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # training checkpoints of the reference code (MaskDiT's train.py, DiT's) also hold their
+        # argparse Namespace: allowed as data; nothing else beyond tensors and containers
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
         raise CheckpointError(f"cannot read {path} as a tensors-only torch file: "
                               f"{' '.join(str(err).split())[:200]}") from None

@@ -3,7 +3,6 @@ name is looked up in the registry that also builds it, and errors are one line n
 
 from __future__ import annotations
 
-import os
 from typing import Collection, Dict
 
 from model_zoo.checkpointing import CHECKPOINT_MODES
@@ -48,8 +47,6 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     data exist is checked where the data are read (trainer.training.data.check_shards)."""
     d, p = cfg.data, cfg.phases
     _check(cfg.model.name in MODELS, f"model.name: unknown model {cfg.model.name!r}; choose from {', '.join(MODELS)}")
-    _check(not cfg.model.init_from or os.path.exists(cfg.model.init_from),
-           f"model.init_from: {cfg.model.init_from} does not exist")
     _check(not cfg.model.init_strict or bool(cfg.model.init_from), "model.init_strict needs model.init_from")
     for key, names in CHOICES.items():
         section, name = key.split(".")

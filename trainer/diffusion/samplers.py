@@ -59,7 +59,7 @@ def ddpm_sigmas(schedule: DDPMSchedule, steps: int) -> torch.Tensor:
 
 
 def flow_sigmas(steps: int, t_max: float = 0.999) -> torch.Tensor:
-    """A flow-matching grid: steps times evenly spaced from t_max down to t = 1 / steps (then 0),
+    """A flow-matching grid: steps times evenly spaced from t_max down to t = t_max / steps (then 0),
     as sigma = t / (1 - t); t_max < 1 keeps the first sigma finite (999 at the default)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

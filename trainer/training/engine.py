@@ -93,6 +93,16 @@ def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = guarded_step
 
 
+def loss_scale(engine: deepspeed.DeepSpeedEngine) -> Optional[float]:
+    """The engine's current fp16 loss scale (a host number), None when its optimizer has none."""
+    opt = engine.optimizer
+    for holder in (opt, getattr(opt, "loss_scale_config", None), getattr(opt, "loss_scaler", None)):
+        value = getattr(holder, "cur_scale", None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
 def seed_step(seed: int, rank: int, step: int, micro: int, rollbacks: int = 0) -> None:
     """Seed every RNG for one micro-step from (seed, rank, step, micro): resumed runs draw the same
     noise, sigmas, masks and label drops as uninterrupted ones, without saving RNG states. After a

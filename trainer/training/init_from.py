@@ -4,9 +4,10 @@ them into the freshly initialised network before ZeRO partitions it."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from model_zoo.registry import build_model
 
 from ..checkpoints import CheckpointError, NetworkSource, read_network
 from ..config import ConfigError, TrainConfig
+from .checkpointer import resume_target
+from .stop import RunStopped
 
 
 @dataclass
@@ -85,8 +88,17 @@ def read_source(cfg: TrainConfig) -> NetworkSource:
         raise ConfigError(f"model.init_from: {err}") from None
 
 
-def check_init_from_config(cfg: TrainConfig) -> InitPlan:
-    """check_init_from for the model this config builds on its dataset (read from the manifest)."""
+def check_init_from_config(cfg: TrainConfig, world_size: int) -> Optional[InitPlan]:
+    """check_init_from for the model this config builds on its dataset (read from the manifest);
+    None when the run will resume from its own checkpoint (init_from is ignored then, so a source
+    deleted since, or a strict plan, must not block the resume)."""
+    try:
+        if resume_target(cfg, world_size):
+            return None
+    except RunStopped:
+        pass  # the run will say why it cannot resume; the source is checked meanwhile
+    if not os.path.exists(cfg.model.init_from):
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} does not exist")
     try:
         _, manifest = resolve_shards(cfg.data.shards, cfg.data.manifest)
     except (DataToolsError, OSError) as err:

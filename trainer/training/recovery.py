@@ -19,6 +19,18 @@ from .stop import RunStopped
 SPIKE_WINDOW = 200
 """Steps of the phase whose losses make the running median a spike is measured against."""
 
+FP16_MIN_SCALE = 1.0
+"""DeepSpeed's smallest fp16 loss scale (its default min_loss_scale; our JSON does not change it)."""
+
+
+def scale_search(precision: str, scale_before: float | None, min_scale: float = FP16_MIN_SCALE) -> bool:
+    """Whether a skipped update is fp16's loss-scale search, not a divergence: the scaler skips and
+    halves its scale on every overflow, which is routine (several in a row at the start of a run)
+    until the scale reaches its minimum. Only skips at the minimum scale count towards
+    monitor.max_nonfinite."""
+    return precision == "fp16" and scale_before is not None and scale_before > min_scale
+
+
 SPIKE_MIN_HISTORY = 20
 """Steps a phase must have logged before a spike can be called (the first steps fall fast)."""
 

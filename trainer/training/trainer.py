@@ -20,12 +20,12 @@ from .checkpointer import Checkpointer, RunState, resume_target
 from .consensus import HostVote, host_group
 from .data import LatentLoader, build_latent_loader
 from .ema import EMA, ShardedEMA
-from .engine import build_engine, compiled_graphs, deepspeed_config, seed_step
+from .engine import build_engine, compiled_graphs, deepspeed_config, loss_scale, seed_step
 from .evaluator import Evaluator, build_evaluator
 from .init_from import apply_init, read_source
 from .monitor import Monitor, measure_peak_flops
 from .previews import SampleGrids
-from .recovery import Diverged, Recovery
+from .recovery import Diverged, Recovery, scale_search
 from .stop import RunStopped, StopFlag, StopRequested
 from .task import TrainingModule, build_network
 
@@ -214,9 +214,12 @@ class Trainer:
             stop_now, out_of_time = self.vote.result()
         if self.cfg.model.compile:
             self._note_compiles(phase)
-        if self.monitor.due(step) or step == cfg.run.total_steps:
+        stopping, time_up = bool(stop_now), bool(out_of_time)
+        # On log steps, and before any save: a checkpoint must not be written (and become the one a
+        # rollback returns to, or rotate the last good one away) while a spike waits to be called.
+        if self.monitor.due(step) or time_up or self.checkpointer.due(step, phase, stopping or self._save_soon):
             self._check_spikes()
-        return bool(stop_now), bool(out_of_time), data_wait
+        return stopping, time_up, data_wait
 
     def _try_until_applied(self, batches, phase: PhaseState, step: int) -> float:
         """Run the micro-steps of `step` until its update is applied; returns the seconds spent
@@ -224,8 +227,10 @@ class Trainer:
         accumulation = self.cfg.accumulation_steps(self.dist.world_size)
         ratio = canonical_mask_ratio(self.num_tokens, phase.mask_ratio)  # same float for the same token count
         data_wait, tries = 0.0, 0
+        fp16 = self.cfg.deepspeed.precision == "fp16"
         while True:
             skipped_before, step_loss = self.engine.skipped_steps, None
+            scale_before = loss_scale(self.engine) if fp16 else None
             for micro in range(accumulation):
                 start = time.perf_counter()
                 z, y = next(batches)
@@ -243,6 +248,8 @@ class Trainer:
                 break
             tries += 1
             self.monitor.drop_step()
+            if scale_search(self.cfg.deepspeed.precision, scale_before):
+                continue  # fp16's scaler halved its scale (DeepSpeed says so): not a divergence
             self._skip_nonfinite(step)
         self.recovery.finite()
         if self.cfg.monitor.spike_factor:
