@@ -258,7 +258,8 @@ class Trainer:
 
     def _check_spikes(self) -> None:
         """Hand the steps' losses since the last check (the largest over the ranks) to the spike
-        watch: read on log steps only, so a spike is called at the log step that follows it."""
+        watch: read on log steps and before saves only, so a spike is called at the first of those
+        after it."""
         pending, self._step_losses = self._step_losses, []
         if not pending:
             return
