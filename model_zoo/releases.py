@@ -116,18 +116,25 @@ def _encoder(sd: Dict[str, torch.Tensor], out: Dict[str, torch.Tensor], leftover
         raise ReleaseError(f"release's pos_embed has {tokens} positions, not a square grid")
     _check_table(sd, "pos_embed", hidden, grid)
     leftover.discard("pos_embed")
+    for key in [k for k in leftover if _SAME_NAME.match(k)]:
+        out[key] = sd[key]
+        leftover.discard(key)
+    depth = _move_blocks(sd, out, leftover, _BLOCK, "blocks.blocks")
+    return {"hidden": hidden, "channels": channels, "patch": patch, "grid": grid, "depth": depth}
+
+
+def _move_blocks(sd: Dict[str, torch.Tensor], out: Dict[str, torch.Tensor], leftover: set, pattern: re.Pattern,
+                 ours: str) -> int:
+    """Move the transformer blocks matching `pattern` (index, part) into `out` as `ours.N.part`;
+    returns how many blocks there are."""
     depth = 0
     for key in list(leftover):
-        if _SAME_NAME.match(key):
-            out[key] = sd[key]
-            leftover.discard(key)
-            continue
-        m = _BLOCK.match(key)
+        m = pattern.match(key)
         if m and _BLOCK_PART.match(m.group(2)):
-            out[f"blocks.blocks.{m.group(1)}.{m.group(2)}"] = sd[key]
+            out[f"{ours}.{m.group(1)}.{m.group(2)}"] = sd[key]
             depth = max(depth, int(m.group(1)) + 1)
             leftover.discard(key)
-    return {"hidden": hidden, "channels": channels, "patch": patch, "grid": grid, "depth": depth}
+    return depth
 
 
 def _done(out: Dict[str, torch.Tensor], leftover: set, layout: str) -> None:
@@ -180,17 +187,12 @@ def convert_maskdit(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None
                            f"[{hidden}, num_classes]")
     out["y_embedder.embedding_table.weight"] = torch.cat([weight.t(), weight.new_zeros(1, hidden)])
     leftover.discard("y_embedder.embedding_table.weight")
-    decoder_depth = 0
-    for key in list(leftover):
-        if key.startswith("decoder_layer.") and _SAME_NAME.match("final_layer." + key[len("decoder_layer."):]):
-            out[key] = sd[key]
-            leftover.discard(key)
-            continue
-        m = _DECODER_BLOCK.match(key)
-        if m and _BLOCK_PART.match(m.group(2)):
-            out[f"decoder.blocks.{m.group(1)}.{m.group(2)}"] = sd[key]
-            decoder_depth = max(decoder_depth, int(m.group(1)) + 1)
-            leftover.discard(key)
+    # the decoder_layer has the final layer's parts (norm, adaLN modulation, linear)
+    for key in [k for k in leftover if k.startswith("decoder_layer.")
+                and _SAME_NAME.match("final_layer." + k[len("decoder_layer."):])]:
+        out[key] = sd[key]
+        leftover.discard(key)
+    decoder_depth = _move_blocks(sd, out, leftover, _DECODER_BLOCK, "decoder.blocks")
     _done(out, leftover, "maskdit")
     per_patch = dims["patch"] ** 2 * dims["channels"]
     out_features = _shape(sd, "final_layer.linear.weight")[0]
