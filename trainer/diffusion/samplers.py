@@ -318,8 +318,9 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: tor
            generator: Generators = None, guidance_channels: Optional[int] = None) -> SampleResult:
     """Generate from standard-normal noise [B, C, H, W] and labels y [B] on the grid `sigmas`.
 
-    sampler: 'heun', 'euler', 'ddim' (= euler) or 'ddpm' (ancestral; uses `generator`: one, or one
-    per image for batch-independent results). guidance_channels: see `guide`.
+    sampler: 'heun', 'euler', 'ddim' (= euler), 'ddpm' (ancestral; uses `generator`: one, or one
+    per image for batch-independent results) or 'heun_t' (Heun in flow time; what 'heun' runs for a
+    flow-matching model). guidance_channels: see `guide`.
     Pair 'heun' / 'euler' with karras_sigmas and 'ddpm' / 'ddim' with ddpm_sigmas as a rule;
     any decreasing grid ending in 0 works with any sampler. Put the network in eval() mode first:
     in train() mode it drops labels to the null class at random.
@@ -329,6 +330,11 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: tor
     if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0 or bool((sigmas[1:] >= sigmas[:-1]).any()):
         raise ValueError("sigmas must be a 1-D decreasing grid ending with 0")
     model = GuidedModel(denoiser, y, guidance_scale, guidance_interval, skip_cache, guidance_channels)
-    x = SAMPLERS[sampler].run(model, noise * float(sigmas[0]), sigmas, generator=generator)
+    run = SAMPLERS[sampler].run
+    if sampler == "heun" and getattr(getattr(denoiser, "precond", None), "name", "") == "flow":
+        # Heun in the model's own ODE time: flow time t for a flow model (Heun in sigma needs 18
+        # steps for what this does in 12 there: docs/study.md)
+        run = heun_t_sampler
+    x = run(model, noise * float(sigmas[0]), sigmas, generator=generator)
     blocks = model.cache.blocks_run if model.cache is not None else None
     return SampleResult(x, model.full_steps, model.cached_steps, blocks)
