@@ -1,6 +1,6 @@
 """The training loop reads nothing from the device between log steps (tests/syncs_on_ranks.py
 counts host reads and collectives per step of real 2-rank Trainers), and a non-finite update is
-skipped at every ZeRO stage and precision (tests/skips_on_ranks.py)."""
+skipped at each ZeRO stage in fp32 and bf16 (tests/skips_on_ranks.py)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_steps_between_log_steps_read_nothing_from_the_device(digits8, tmp_path)
                 assert steps[step][("read", "ours")] > guard_reads and steps[step][("collective", "ours")] >= 1
 
 
-def test_a_non_finite_update_is_skipped_at_every_zero_stage_and_precision(tmp_path):
+def test_a_non_finite_update_is_skipped_at_each_zero_stage_in_fp32_and_bf16(tmp_path):
     """A NaN loss on rank 1 in step 2 of 4: the update is skipped on both ranks (weights as after
     step 1, engine.skipped_steps 1) and the next steps train on with finite weights. DeepSpeed's
     optimizers do this themselves; ZeRO-0 fp32's plain optimizer through
