@@ -66,7 +66,13 @@ def test_the_plan_names_what_the_source_lacks_and_what_differs(tmp_path):
     exact = check_init_from(config_from_dict({"data": {"shards": "unused"}, "model": {
         "name": "DiT-S/2", "options": TINY, "init_from": str(tmp_path / "dit.safetensors"), "init_strict": True}}),
         dict(input_size=8, in_channels=3, num_classes=10, skip=False, **TINY))
-    assert exact.exact and not exact.fresh
+    assert exact.exact and not exact.fresh and not exact.notes
+    vp = check_init_from(config_from_dict({"data": {"shards": "unused"}, "diffusion": {"preconditioning": "vp_eps"},
+                                           "model": {"name": "DiT-S/2", "options": TINY,
+                                                     "init_from": str(tmp_path / "dit.safetensors")}}),
+                         dict(input_size=8, in_channels=3, num_classes=10, skip=False, **TINY))
+    assert vp.line().endswith("note: the source was trained with diffusion.preconditioning edm, this run uses vp_eps "
+                              "(its outputs mean something else until retrained)")
 
 
 def test_bad_init_from_is_one_line_before_launch(digits8, tmp_path, capsys):

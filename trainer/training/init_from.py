@@ -32,6 +32,8 @@ class InitPlan:
     fresh: List[str] = field(default_factory=list)
     reshaped: Dict[str, Tuple[tuple, tuple]] = field(default_factory=dict)
     unused: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    """What else differs between the source and this run (e.g. the preconditioning)."""
 
     @property
     def exact(self) -> bool:
@@ -50,7 +52,7 @@ class InitPlan:
             parts.append(f"initialised as usual (another shape in the source): {', '.join(shown)}{more}")
         if self.unused:
             parts.append(f"not used from the source: {_names(self.unused)}")
-        return "; ".join(parts)
+        return "; ".join(parts + self.notes)
 
 
 def _names(names: List[str]) -> str:
@@ -112,7 +114,12 @@ def check_init_from(cfg: TrainConfig, model_kwargs: dict) -> InitPlan:
     model.init_strict."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in build_model(cfg.model.name, **model_kwargs).state_dict().items()}
-    plan = plan_init(shapes, read_source(cfg))
+    src = read_source(cfg)
+    plan = plan_init(shapes, src)
+    trained = src.diffusion.get("preconditioning")
+    if trained and trained != cfg.diffusion.preconditioning:
+        plan.notes.append(f"note: the source was trained with diffusion.preconditioning {trained}, this run uses "
+                          f"{cfg.diffusion.preconditioning} (its outputs mean something else until retrained)")
     if not plan.loaded:
         raise ConfigError(f"model.init_from: no tensor of {plan.source} fits {cfg.model.name} (first of ours: "
                           f"{next(iter(shapes), 'none')})")
