@@ -10,6 +10,8 @@ import numpy as np
 
 from .format import (
     CLS_FIELD,
+    FEATURE_FIELD,
+    FEATURE_FLIP_FIELD,
     FLIP_FIELD,
     LATENT_FIELD,
     DataToolsError,
@@ -35,6 +37,7 @@ def summarize(manifest: Manifest, where: str) -> list[str]:
         f"latent      {'x'.join(map(str, spec.shape))} {spec.dtype}, moments {','.join(spec.moments)}, "
         f"flipped copy: {'yes' if manifest.has_flip else 'no'}",
         f"resolution  {manifest.resolution}",
+        *_feature_lines(manifest),
         f"samples     {manifest.num_samples} in {len(manifest.shards)} shards "
         f"({manifest.num_samples / max(1, len(manifest.shards)):.1f} per shard, {total_bytes / 2**20:.1f} MiB)",
     ]
@@ -90,7 +93,34 @@ class ShardReport:
     problems: list[str] = field(default_factory=list)
 
 
-def verify_shard(root: str, shard: ShardInfo, manifest: Manifest, decode: FastArrayDecoder,
+def _feature_lines(manifest: Manifest) -> list[str]:
+    f = manifest.features
+    if not f:
+        return ["features    none"]
+    shape = "x".join(map(str, f["shape"]))
+    proj = f.get("projection")
+    reduced = (f", PCA from {f.get('teacher_dim')} channels ({100 * proj.get('explained', 0):.1f}% of the variance, "
+               f"fitted on {proj.get('fit_images')} images)") if proj else ""
+    per_image = 2 * int(np.prod(f["shape"])) * len(f.get("fields", [FEATURE_FIELD]))
+    return [f"features    {f['teacher'].get('id')}: {shape} {f.get('dtype')}{reduced}, "
+            f"{per_image / 1024:.1f} KiB per image"]
+
+
+def field_decoders(manifest: Manifest) -> dict[str, FastArrayDecoder]:
+    """A decoder for every array field the manifest says each sample has."""
+    latent = FastArrayDecoder(manifest.spec)
+    out = {LATENT_FIELD: latent}
+    if manifest.has_flip:
+        out[FLIP_FIELD] = latent
+    if manifest.feature_spec is not None:
+        features = FastArrayDecoder(manifest.feature_spec)
+        out[FEATURE_FIELD] = features
+        if manifest.has_flip:
+            out[FEATURE_FLIP_FIELD] = features
+    return out
+
+
+def verify_shard(root: str, shard: ShardInfo, manifest: Manifest, decoders: dict[str, FastArrayDecoder],
                  seen_keys: set[str]) -> ShardReport:
     """Check one shard: size, sha256, and every sample's fields, shapes, dtypes and label."""
     report = ShardReport(shard.name)
@@ -102,13 +132,12 @@ def verify_shard(root: str, shard: ShardInfo, manifest: Manifest, decode: FastAr
         report.problems.append(f"size {os.path.getsize(path)} != {shard.bytes}")
     if sha256_file(path) != shard.sha256:
         report.problems.append("sha256 mismatch")
-    needed = [LATENT_FIELD, CLS_FIELD] + ([FLIP_FIELD] if manifest.has_flip else [])
     count = 0
     try:
         with open(path, "rb") as stream:
             for key, fields in iter_tar_samples(stream):
                 count += 1
-                problem = _check_sample(key, fields, needed, decode, manifest.num_classes, seen_keys)
+                problem = _check_sample(key, fields, decoders, manifest.num_classes, seen_keys)
                 if problem:
                     report.problems.append(f"sample {key}: {problem}")
     except Exception as exc:  # a damaged tar raises several types; all mean "bad shard"
@@ -118,15 +147,15 @@ def verify_shard(root: str, shard: ShardInfo, manifest: Manifest, decode: FastAr
     return report
 
 
-def _check_sample(key: str, fields: dict[str, bytes], needed: list[str], decode: FastArrayDecoder,
+def _check_sample(key: str, fields: dict[str, bytes], decoders: dict[str, FastArrayDecoder],
                   num_classes: int, seen_keys: set[str]) -> str | None:
     if key in seen_keys:
         return "duplicate key"
     seen_keys.add(key)
-    missing = [f for f in needed if f not in fields]
+    missing = [f for f in [*decoders, CLS_FIELD] if f not in fields]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
-    for name in (n for n in needed if n != CLS_FIELD):
+    for name, decode in decoders.items():
         try:
             array = decode(fields[name])
         except ValueError as exc:
@@ -147,11 +176,11 @@ def verify_dataset(path: str, progress: bool = True) -> list[ShardReport]:
     manifest_path = find_manifest(path)
     manifest = Manifest.load(manifest_path)
     root = os.path.dirname(os.path.abspath(manifest_path))
-    decode = FastArrayDecoder(manifest.spec)
+    decoders = field_decoders(manifest)
     seen: set[str] = set()
     bad = []
     for i, shard in enumerate(manifest.shards):
-        report = verify_shard(root, shard, manifest, decode, seen)
+        report = verify_shard(root, shard, manifest, decoders, seen)
         if report.problems:
             bad.append(report)
         if progress and (i + 1) % 100 == 0:

@@ -36,6 +36,14 @@ def _encode_parser(sub) -> None:
     p.add_argument("--prefix", default="latents", help="shard name prefix (default latents)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out instead of stopping")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress lines")
+    p.add_argument("--features", default=None, metavar="TEACHER",
+                   help="also store a frozen teacher's patch features (representation alignment): a local "
+                        "transformers ViT directory such as a saved DINOv2, or `mdt-data teacher`'s digits teacher")
+    p.add_argument("--features-dim", type=int, default=None,
+                   help="reduce the features to this many channels by a PCA fitted once (default: full width)")
+    p.add_argument("--features-fit", type=int, default=256, help="images that fit the PCA (default 256)")
+    p.add_argument("--features-grid", type=int, default=None,
+                   help="side of the stored feature grid (default: latent side / 2, a patch-2 model's tokens)")
     p.add_argument("--procs", type=int, default=1, help="local encoder processes (default 1)")
     p.add_argument("--part", type=int, default=None, help="encode only this part (default: $RANK or 0)")
     p.add_argument("--num-parts", type=int, default=None, help="number of parts (default: $WORLD_SIZE or 1)")
@@ -53,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the manifest summary and latent statistics")
     p.add_argument("path", help="dataset directory or manifest.json")
     p.add_argument("--samples", type=int, default=256, help="samples for the statistics (default 256)")
+    p = sub.add_parser("teacher", help="train a small ViT teacher for representation alignment (digits-scale data)")
+    p.add_argument("--out", required=True, help="output directory (transformers format, plus teacher.json)")
+    p.add_argument("--source", default="digits:train", help="what it learns to classify (default digits:train)")
+    p.add_argument("--heldout", default="digits:heldout", help="evaluated only, for the report ('' for none)")
+    p.add_argument("--resolution", type=int, default=16, help="image side, as encoded (default 16)")
+    p.add_argument("--patch", type=int, default=2, help="ViT patch size (default 2: an 8x8 grid at 16 pixels)")
+    p.add_argument("--steps", type=int, default=600, help="training steps of 128 images (default 600)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p = sub.add_parser("verify", help="re-read every shard; exit 1 naming each bad one")
     p.add_argument("path", help="dataset directory or manifest.json")
     p.add_argument("--quiet", action="store_true", help="print only bad shards")
@@ -129,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "encode":
             return _run_encode(args)
+        if args.command == "teacher":
+            from .small_teacher import train_teacher  # noqa: PLC0415 - imports transformers
+
+            train_teacher(args.out, args.source, args.resolution, args.patch, steps=args.steps, seed=args.seed,
+                          heldout=args.heldout or None)
+            return 0
         if args.command == "inspect":
             print(inspect_dataset(args.path, args.samples))
             return 0

@@ -25,6 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from webdataset import ShardWriter
 
 from .format import (
+    FEATURE_FIELD,
+    FEATURE_FLIP_FIELD,
+    FEATURE_PROJECTION,
     FLIP_FIELD,
     LATENT_DTYPE,
     LATENT_FIELD,
@@ -40,7 +43,8 @@ from .format import (
     write_text_atomic,
 )
 from .sources import Source, center_crop_resize, open_source
-from .vae import DEFAULT_VAE, build_encoder
+from .teacher import Projection, Teacher, fit_projection, projection_path
+from .vae import DEFAULT_VAE, build_encoder, pick_device
 
 JOURNAL_DIR = "_journal"
 _PREFIX_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -81,17 +85,35 @@ class EncodeSettings:
     """Leave unreadable images out (with a warning) instead of stopping."""
     progress: bool = True
     """Print progress lines with samples/s."""
+    features: str | None = None
+    """Teacher for representation alignment: a local transformers ViT directory (DINOv2, or the
+    digits teacher of `mdt-data teacher`); its patch features are stored per sample."""
+    features_dim: int | None = None
+    """Reduce the features to this many channels by a PCA fitted once (None: the teacher's width)."""
+    features_fit: int = 256
+    """Images (evenly spaced over the source) whose features fit the PCA."""
+    features_grid: int | None = None
+    """Side of the stored feature grid; None: the latent side / 2 (the tokens of a patch-2 model)."""
 
     def validate(self) -> None:
         """Raise DataToolsError naming the first bad setting."""
         checks = [("resolution", self.resolution >= 8), ("shard_size", self.shard_size >= 1),
                   ("shard_bytes", self.shard_bytes > 0), ("batch_size", self.batch_size >= 1),
-                  ("loader_workers", self.loader_workers >= 0)]
+                  ("loader_workers", self.loader_workers >= 0), ("features_fit", self.features_fit >= 1),
+                  ("features_dim", self.features_dim is None or self.features_dim >= 1),
+                  ("features_grid", self.features_grid is None or self.features_grid >= 1)]
         for name, ok in checks:
             if not ok:
                 raise DataToolsError(f"--{name.replace('_', '-')} has an invalid value {getattr(self, name)!r}")
         if not _PREFIX_OK.match(self.prefix):
             raise DataToolsError(f"--prefix {self.prefix!r} must match [A-Za-z0-9_-]+")
+        for name in ("features_dim", "features_grid"):
+            if getattr(self, name) is not None and not self.features:
+                raise DataToolsError(f"--{name.replace('_', '-')} needs --features TEACHER")
+
+    def feature_grid(self, latent_side: int) -> int:
+        """The stored feature grid's side."""
+        return self.features_grid or max(1, latent_side // 2)
 
     def store_flip(self, source: Source) -> bool:
         """Whether flipped latents are stored: the explicit setting, else the source's mirror_safe."""
@@ -253,8 +275,65 @@ class _PartWriter:
             os.remove(self.handle.name)
 
 
+class FeatureMaker:
+    """The teacher's (projected) features of image batches, as stored: float16 [B, D, G, G]."""
+
+    def __init__(self, settings: EncodeSettings, source: Source, teacher: Teacher, encoder):
+        """Fit (or read the dataset's) projection when settings.features_dim asks for one."""
+        self.teacher = teacher
+        self.grid = settings.feature_grid(encoder.latent_shape(settings.resolution)[1])
+        self.projection: Projection | None = None
+        if settings.features_dim:
+            path = projection_path(settings.out)
+            if not os.path.exists(path):
+                _fit_and_save(settings, source, teacher, self.grid, path)
+            self.projection = Projection.load(path)
+            want = _fitted_on(settings, source, teacher, self.grid)
+            if self.projection.fitted_on != want or self.projection.dim != settings.features_dim:
+                raise DataToolsError(f"{path} was fitted for {self.projection.fitted_on!r} with "
+                                     f"{self.projection.dim} channels, not {want!r} with {settings.features_dim}: "
+                                     "delete it to re-encode with these settings")
+
+    @property
+    def shape(self) -> list[int]:
+        """The stored shape [D, G, G]."""
+        return [self.projection.dim if self.projection else self.teacher.dim, self.grid, self.grid]
+
+    def __call__(self, images: torch.Tensor):
+        """uint8 [B, 3, H, W] -> float16 numpy [B, D, G, G]."""
+        features = self.teacher.features(images, self.grid)
+        if self.projection is not None:
+            features = self.projection.apply(features)
+        return features.numpy().astype("float16")
+
+
+def _fitted_on(settings: EncodeSettings, source: Source, teacher: Teacher, grid: int) -> str:
+    """What a projection depends on besides its width: teacher, source, resolution, grid, fit size."""
+    return (f"teacher={teacher.id} source={source.fingerprint()} resolution={settings.resolution} grid={grid} "
+            f"fit={settings.features_fit}")
+
+
+def _fit_and_save(settings: EncodeSettings, source: Source, teacher: Teacher, grid: int, path: str) -> None:
+    """Fit the PCA on the features of features_fit evenly spaced source images and save it."""
+    count = min(settings.features_fit, len(source))
+    picks = sorted({i * len(source) // count for i in range(count)})
+    batches = []
+    for start in range(0, len(picks), settings.batch_size):
+        images = []
+        for index in picks[start:start + settings.batch_size]:
+            image, _, _ = source.load(index)
+            images.append(torch.from_numpy(center_crop_resize(image, settings.resolution)).permute(2, 0, 1))
+        batches.append(teacher.features(torch.stack(images), grid))
+    projection = fit_projection(torch.cat(batches), settings.features_dim, _fitted_on(settings, source, teacher, grid))
+    projection.save(path)
+    if settings.progress:
+        print(f"[encode] feature projection {teacher.dim} -> {settings.features_dim} channels fitted on "
+              f"{len(picks)} images ({100 * projection.explained:.1f}% of the variance): {path}",
+              file=sys.stderr, flush=True)
+
+
 def encode_part(settings: EncodeSettings, part: int = 0, num_parts: int = 1,
-                source: Source | None = None, encoder=None) -> int:
+                source: Source | None = None, encoder=None, teacher: "FeatureMaker | None" = None) -> int:
     """Encode (or finish encoding) slice ``part`` of ``num_parts``; return samples in the slice's
     shards. Writes the manifest when this was the last unfinished part."""
     settings.validate()
@@ -273,10 +352,13 @@ def encode_part(settings: EncodeSettings, part: int = 0, num_parts: int = 1,
             os.remove(manifest)  # shards are about to change: no manifest until all are complete
         encoder = encoder or build_encoder(settings.encoder, settings.vae, settings.scaling_factor,
                                            int(os.environ.get("LOCAL_RANK", part)))
+        if settings.features and teacher is None:
+            device, dtype = pick_device(int(os.environ.get("LOCAL_RANK", part)))
+            teacher = FeatureMaker(settings, source, Teacher(settings.features, device, dtype), encoder)
         if settings.progress and records:
             print(f"[{label}] resuming at image {resume - lo} of {hi - lo} ({len(records)} shards kept)",
                   file=sys.stderr, flush=True)
-        _encode_range(settings, source, encoder, part, lo, hi, resume, len(records), fingerprint, label)
+        _encode_range(settings, source, encoder, teacher, part, lo, hi, resume, len(records), fingerprint, label)
     elif settings.progress:
         print(f"[{label}] already complete ({len(records)} shards)", file=sys.stderr, flush=True)
     if not finalize(settings, num_parts, source, quiet=not settings.progress) and settings.progress:
@@ -285,21 +367,21 @@ def encode_part(settings: EncodeSettings, part: int = 0, num_parts: int = 1,
     return sum(r["samples"] for r in records)
 
 
-def _encode_range(settings: EncodeSettings, source: Source, encoder, part: int, lo: int, hi: int,
-                  resume: int, start_shard: int, fingerprint: str, label: str) -> None:
+def _encode_range(settings: EncodeSettings, source: Source, encoder, teacher: FeatureMaker | None, part: int,
+                  lo: int, hi: int, resume: int, start_shard: int, fingerprint: str, label: str) -> None:
     threads = torch.get_num_threads()
     if getattr(encoder, "device", torch.device("cpu")).type == "cpu" and settings.loader_workers:
         # A CPU encoder shares the cores with its image workers; oversubscribed OpenMP threads
         # spin and made a 2-core run 15x slower.
         torch.set_num_threads(max(1, threads - settings.loader_workers))
     try:
-        _encode_batches(settings, source, encoder, part, lo, hi, resume, start_shard, fingerprint, label)
+        _encode_batches(settings, source, encoder, teacher, part, lo, hi, resume, start_shard, fingerprint, label)
     finally:
         torch.set_num_threads(threads)
 
 
-def _encode_batches(settings: EncodeSettings, source: Source, encoder, part: int, lo: int, hi: int,
-                    resume: int, start_shard: int, fingerprint: str, label: str) -> None:
+def _encode_batches(settings: EncodeSettings, source: Source, encoder, teacher: FeatureMaker | None, part: int,
+                    lo: int, hi: int, resume: int, start_shard: int, fingerprint: str, label: str) -> None:
     bs = settings.batch_size
     # Restart on the batch grid of the slice so every batch has the same members as in an
     # uninterrupted run (batched kernels need not give bitwise equal results for other groupings).
@@ -309,10 +391,12 @@ def _encode_batches(settings: EncodeSettings, source: Source, encoder, part: int
     meta = dict(fingerprint=fingerprint, latent_shape=list(encoder.latent_shape(settings.resolution)),
                 moments=list(encoder.moments), scaling_factor=encoder.scaling_factor,
                 encoder_kind=encoder.kind, encoder_id=encoder.id)
+    if teacher is not None:
+        meta.update(feature_shape=teacher.shape, teacher_id=teacher.teacher.id, teacher_dim=teacher.teacher.dim)
     writer = _PartWriter(settings.out, settings.prefix, part, start_shard, resume, settings, meta)
     progress = Progress(label, hi - lo, resume - lo, settings.progress)
     try:
-        skipped = _write_batches(settings, source, encoder, loader, writer, progress, resume, label)
+        skipped = _write_batches(settings, source, encoder, teacher, loader, writer, progress, resume, label)
     except BaseException:
         writer.abort()
         raise
@@ -322,12 +406,15 @@ def _encode_batches(settings: EncodeSettings, source: Source, encoder, part: int
         print(f"[{label}] warning: {skipped} unreadable images left out", file=sys.stderr, flush=True)
 
 
-def _write_batches(settings: EncodeSettings, source: Source, encoder, loader: DataLoader, writer: _PartWriter,
-                   progress: Progress, resume: int, label: str) -> int:
+def _write_batches(settings: EncodeSettings, source: Source, encoder, teacher: FeatureMaker | None,
+                   loader: DataLoader, writer: _PartWriter, progress: Progress, resume: int, label: str) -> int:
     skipped = 0
     for images, labels, indices, names, errors in loader:
         moments = encoder.encode(images)
-        flipped = encoder.encode(images.flip(3)) if settings.store_flip(source) else None
+        flips = settings.store_flip(source)
+        flipped = encoder.encode(images.flip(3)) if flips else None
+        feats = teacher(images) if teacher is not None else None
+        feats_flip = teacher(images.flip(3)) if teacher is not None and flips else None
         for j, index in enumerate(indices.tolist()):
             if index < resume:
                 continue
@@ -340,7 +427,9 @@ def _write_batches(settings: EncodeSettings, source: Source, encoder, loader: Da
                 continue
             sample = encode_sample(make_key(index), moments[j], int(labels[j]),
                                    {"index": index, "name": names[j]},
-                                   flipped[j] if flipped is not None else None)
+                                   flipped[j] if flipped is not None else None,
+                                   feats[j] if feats is not None else None,
+                                   feats_flip[j] if feats_flip is not None else None)
             writer.write(index, sample)
         progress.update(sum(1 for i in indices.tolist() if i >= resume))
     return skipped
@@ -374,6 +463,7 @@ def finalize(settings: EncodeSettings, num_parts: int, source: Source | None = N
     shards = [ShardInfo(**{k: r[k] for k in ("name", "samples", "bytes", "sha256", "first_index",
                                             "end_index")}) for r in records]
     manifest = Manifest(
+        features=_features_entry(settings, head, flips),
         latent=dict(shape=head["latent_shape"], moments=head["moments"], dtype=LATENT_DTYPE,
                     fields=[LATENT_FIELD] + ([FLIP_FIELD] if flips else [])),
         scaling_factor=head["scaling_factor"],
@@ -389,6 +479,20 @@ def finalize(settings: EncodeSettings, num_parts: int, source: Source | None = N
         print(f"[encode] wrote {os.path.join(settings.out, MANIFEST_NAME)}: {len(shards)} shards, "
               f"{manifest.num_samples} samples", file=sys.stderr, flush=True)
     return True
+
+
+def _features_entry(settings: EncodeSettings, head: dict, flips: bool) -> dict | None:
+    """The manifest's record of the stored teacher features (None without)."""
+    if not settings.features:
+        return None
+    entry = dict(teacher=dict(kind=Teacher.kind, id=head["teacher_id"], path=settings.features),
+                 shape=head["feature_shape"], dtype=LATENT_DTYPE, teacher_dim=head["teacher_dim"],
+                 fields=[FEATURE_FIELD] + ([FEATURE_FLIP_FIELD] if flips else []), projection=None)
+    if settings.features_dim:
+        path = projection_path(settings.out)
+        entry["projection"] = dict(file=FEATURE_PROJECTION, sha256=sha256_file(path), kind="pca",
+                                   fit_images=settings.features_fit, explained=Projection.load(path).explained)
+    return entry
 
 
 def run_local_pool(child_args: list[str], procs: int, part_offset: int, num_parts: int) -> None:

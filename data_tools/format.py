@@ -9,6 +9,11 @@ of the base name, so a dotted key would merge samples):
   (``["mean", "std"]`` for a VAE, ``["mean"]`` for deterministic encoders such as ``pixels``).
 - ``latent_flip.npy``: the same for the horizontally flipped image (only when the manifest says
   ``has_flip``).
+- ``feat.npy`` / ``feat_flip.npy``: float16 ``[D, G, G]``, a frozen teacher's patch features of
+  the image (and of its mirror, when the manifest says ``has_flip``) on a ``G x G`` token grid, only
+  when the manifest has a ``features`` entry (``mdt-data encode --features TEACHER``). A mirror's
+  features are the teacher's output on the mirrored image, not the mirrored grid: a ViT with
+  position embeddings is not mirror-equivariant, and the flipped latents are stored the same way.
 - ``cls``: the class index as ASCII text.
 - ``json``: small metadata (source index and name), never needed for training.
 
@@ -36,6 +41,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LATENT_FIELD = "latent.npy"
 FLIP_FIELD = "latent_flip.npy"
+FEATURE_FIELD = "feat.npy"
+FEATURE_FLIP_FIELD = "feat_flip.npy"
+FEATURE_PROJECTION = "features_projection.npz"
 CLS_FIELD = "cls"
 META_FIELD = "json"
 LATENT_DTYPE = "float16"
@@ -114,6 +122,27 @@ class LatentSpec:
         return None
 
 
+@dataclass(frozen=True)
+class ArraySpec:
+    """Any other stored array of one known shape and dtype (teacher features: ``[D, G, G]``)."""
+
+    shape: tuple[int, ...]
+    dtype: str = LATENT_DTYPE
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape as stored."""
+        return self.shape
+
+    def check(self, array: np.ndarray) -> str | None:
+        """Return why ``array`` does not fit this spec, or None when it does."""
+        if array.dtype != np.dtype(self.dtype):
+            return f"dtype {array.dtype} != {self.dtype}"
+        if tuple(array.shape) != self.stored_shape:
+            return f"shape {tuple(array.shape)} != {self.stored_shape}"
+        return None
+
+
 class FastArrayDecoder:
     """Decodes ``.npy`` bytes of one known shape/dtype without re-parsing the header.
 
@@ -121,7 +150,7 @@ class FastArrayDecoder:
     checks shape and dtype at once; anything else falls back to ``np.load`` plus a check.
     """
 
-    def __init__(self, spec: LatentSpec):
+    def __init__(self, spec: LatentSpec | ArraySpec):
         """Precompute the expected header for ``spec``."""
         self.spec = spec
         probe = encode_array(np.zeros(spec.stored_shape, dtype=spec.dtype))
@@ -144,7 +173,8 @@ class FastArrayDecoder:
 
 
 def encode_sample(key: str, latent: np.ndarray, label: int, meta: dict[str, Any] | None = None,
-                  flipped: np.ndarray | None = None) -> dict[str, Any]:
+                  flipped: np.ndarray | None = None, features: np.ndarray | None = None,
+                  features_flip: np.ndarray | None = None) -> dict[str, Any]:
     """Build the dict that webdataset's TarWriter stores (all values already bytes)."""
     check_key(key)
     sample: dict[str, Any] = {
@@ -154,6 +184,10 @@ def encode_sample(key: str, latent: np.ndarray, label: int, meta: dict[str, Any]
     }
     if flipped is not None:
         sample[FLIP_FIELD] = encode_array(flipped)
+    if features is not None:
+        sample[FEATURE_FIELD] = encode_array(features)
+    if features_flip is not None:
+        sample[FEATURE_FLIP_FIELD] = encode_array(features_flip)
     if meta is not None:
         sample[META_FIELD] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return sample
@@ -292,6 +326,9 @@ class Manifest:
     shards: list[ShardInfo]
     settings: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    features: dict[str, Any] | None = None
+    """Teacher features, when stored: teacher (id, kind), shape [D, G, G], dtype, fields, and the
+    projection (file, sha256, source width, fit images) when reduced; None: no features."""
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -300,6 +337,13 @@ class Manifest:
         """The LatentSpec every sample must match."""
         return LatentSpec(tuple(self.latent["shape"]), tuple(self.latent["moments"]),
                           self.latent["dtype"])
+
+    @property
+    def feature_spec(self) -> ArraySpec | None:
+        """The ArraySpec of every stored feature array, or None without features."""
+        if not self.features:
+            return None
+        return ArraySpec(tuple(self.features["shape"]), self.features.get("dtype", LATENT_DTYPE))
 
     def to_json(self) -> str:
         """Serialise deterministically (sorted keys) so reruns give identical manifests."""
@@ -320,8 +364,12 @@ class Manifest:
             raise DataToolsError(f"{where}: missing key {exc}") from None
         except TypeError as exc:
             raise DataToolsError(f"{where}: bad shard entry ({exc})") from None
+        features = data.get("features")
+        if features is not None and not (isinstance(features, dict) and isinstance(features.get("shape"), list)
+                                         and len(features["shape"]) == 3):
+            raise DataToolsError(f"{where}: features must name a [D, G, G] shape, got {features!r}"[:300])
         manifest = cls(shards=shards, settings=data.get("settings", {}),
-                       fingerprint=data.get("fingerprint", ""), **kwargs)
+                       fingerprint=data.get("fingerprint", ""), features=features, **kwargs)
         total = sum(s.samples for s in shards)
         if total != manifest.num_samples:
             raise DataToolsError(f"{where}: num_samples {manifest.num_samples} != sum over shards {total}")

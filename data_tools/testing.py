@@ -25,6 +25,18 @@ def make_tiny_vae(path: str, latent_channels: int = 4, seed: int = 0) -> str:
     return path
 
 
+def make_tiny_teacher(path: str, image_size: int = 16, patch: int = 2, width: int = 16, seed: int = 0) -> str:
+    """Save a randomly initialised tiny DINOv2 (transformers format) to `path`; returns `path`."""
+    import torch  # noqa: PLC0415 - only the teacher tests need these
+    from transformers import Dinov2Config, Dinov2Model  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(image_size=image_size, patch_size=patch, hidden_size=width, num_hidden_layers=2,
+                          num_attention_heads=2, mlp_ratio=2)
+    Dinov2Model(config).save_pretrained(path)
+    return path
+
+
 def _image(rng: np.random.Generator, label: int, index: int) -> Image.Image:
     """A varied little picture: size, aspect ratio and mode change with the index."""
     h, w = 12 + 3 * (index % 4), 10 + 5 * (index % 3)

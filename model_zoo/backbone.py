@@ -71,12 +71,20 @@ class BlockStack(nn.Module):
         return self.fusions[i - first_deep](x, skips[self.depth - 1 - i])
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cache: Optional[SkipCache] = None,
-                reuse_cache: bool = False) -> torch.Tensor:
+                reuse_cache: bool = False, tap: Optional[List[torch.Tensor]] = None,
+                tap_after: int = 0) -> torch.Tensor:
         """Run the stack on tokens x [B, N, D] with conditioning c [B, cond_dim].
 
         cache=None: plain forward. cache given, reuse_cache=False: plain forward that also stores
         the state entering block depth - n_keep. reuse_cache=True: shallow + deep blocks only.
+        tap / tap_after=k: append the output of block k (1-based) to `tap`. The state is taken
+        from the forward's own data flow (not a hook), so it carries gradients under every
+        activation-checkpointing mode, reentrant ones included.
         """
+        if tap is not None and not 1 <= tap_after <= self.depth:
+            raise ValueError(f"tap_after must be in [1, {self.depth}], got {tap_after}")
+        if tap is not None and reuse_cache:
+            raise ValueError("a block's state cannot be tapped on a Skip-Cache reuse step")
         if (cache is not None or reuse_cache) and not self.skip:
             raise ValueError("Skip-Cache needs a model built with skip=True")
         skips: List[torch.Tensor] = []
@@ -102,6 +110,8 @@ class BlockStack(nn.Module):
             if cache is not None and i == self.depth - cache.n_keep:
                 cache.feature = x
             x = self._block(i, self._fuse(i, x, skips), c)
+            if tap is not None and i == tap_after - 1:
+                tap.append(x)
             if self.skip and i < n_shallow:
                 skips.append(x)
         if cache is not None:

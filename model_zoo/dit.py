@@ -107,11 +107,15 @@ class DiT(nn.Module):
         mask_ratio: float = 0.0,
         skip_cache: Optional[SkipCache] = None,
         reuse_cache: bool = False,
+        hidden_at: int = 0,
     ) -> ModelOutput:
-        """Predict for every position; DiT never masks, so mask_ratio must be 0."""
+        """Predict for every position; DiT never masks, so mask_ratio must be 0. hidden_at=k > 0
+        also returns the tokens leaving block k (representation alignment)."""
         if mask_ratio != 0:
             raise ValueError(f"DiT does not mask tokens (mask_ratio={mask_ratio}); use a MaskDiT model")
         tokens, c = self.embed(x, t, y)
-        h = self.blocks(tokens, c, skip_cache, reuse_cache)
+        tap: Optional[list] = [] if hidden_at else None
+        h = self.blocks(tokens, c, skip_cache, reuse_cache, tap, hidden_at)
         out = self.final_layer(h, c)
-        return ModelOutput(unpatchify(out, self.patch_size, self.out_channels, self.grid_size), None)
+        return ModelOutput(unpatchify(out, self.patch_size, self.out_channels, self.grid_size), None,
+                           tap[0] if tap else None)

@@ -19,10 +19,15 @@ class ModelOutput(NamedTuple):
     sample: prediction for every position, [B, out_channels, H, W].
     mask: [B, N_tokens] float, 1 where the token was dropped from the encoder, 0 where kept;
         None when nothing was masked (mask ratio 0, or a network without masking).
+    hidden: with forward(..., hidden_at=k), the tokens leaving encoder block k (1-based) [B, K, D]:
+        the kept tokens only when masked (K = kept count), else every token; None otherwise.
+    keep_ids: [B, K] the positions of hidden's tokens in the full grid when masked, else None.
     """
 
     sample: torch.Tensor
     mask: Optional[torch.Tensor]
+    hidden: Optional[torch.Tensor] = None
+    keep_ids: Optional[torch.Tensor] = None
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,10 @@ class MaskDiT(DiT):
         mask_ratio: float = 0.0,
         skip_cache: Optional[SkipCache] = None,
         reuse_cache: bool = False,
+        hidden_at: int = 0,
     ) -> ModelOutput:
-        """Predict every position; returns the prediction and the mask (None when r = 0)."""
+        """Predict every position; returns the prediction and the mask (None when r = 0). hidden_at
+        = k > 0 also returns the kept tokens leaving encoder block k and their positions."""
         if mask_ratio and (skip_cache is not None or reuse_cache):
             raise ValueError("Skip-Cache is a sampling mode: use it with mask_ratio 0")
         tokens, c = self.embed(x, t, y)
@@ -98,7 +100,8 @@ class MaskDiT(DiT):
             tokens = gather_tokens(tokens, token_mask.ids_keep)
         elif mask_ratio < 0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        h = self.blocks(tokens, c, skip_cache, reuse_cache)
+        tap: Optional[list] = [] if hidden_at else None
+        h = self.blocks(tokens, c, skip_cache, reuse_cache, tap, hidden_at)
         h = self.decoder_layer(h, c) if self.decoder_embed_kind == "adaln" else self.decoder_embed(h)
         batch, kept, width = h.shape
         # At r = 0 the fill is empty but still part of the graph, so the mask token receives a
@@ -109,4 +112,6 @@ class MaskDiT(DiT):
             h = gather_tokens(h, token_mask.ids_restore)
         h = self.decoder(h + self.decoder_pos_embed.to(h.device, h.dtype), c)
         out = unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels, self.grid_size)
-        return ModelOutput(out, token_mask.mask if token_mask is not None else None)
+        if token_mask is None:
+            return ModelOutput(out, None, tap[0] if tap else None)
+        return ModelOutput(out, token_mask.mask, tap[0] if tap else None, token_mask.ids_keep if tap else None)

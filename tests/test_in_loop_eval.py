@@ -16,6 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.checkpoints import find_resume, read_record
+from trainer.distributed import DistInfo
 from trainer.training.evaluator import keep_records_through
 from trainer.training.stop import RunStopped
 
@@ -74,14 +75,18 @@ def test_a_run_evaluates_on_schedule_and_records_compute(eval_run):
 
 
 def test_the_same_checkpoint_evaluates_the_same_twice_and_on_one_or_two_ranks(eval_run):
+    from eval_on_ranks import evaluate
+
     tmp, _ = eval_run
     ckpt = Path(find_resume(str(tmp / "runs" / "t" / "checkpoints"), "auto"))
-    results = []
-    for ranks, name in ((1, "a"), (1, "b"), (2, "c")):
-        out = tmp / f"{name}.json"
-        proc = run(eval_command(ckpt, out, ranks, f"run.output_dir={tmp / name}"), ROOT)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results.append(json.loads(out.read_text()))
+    # one rank: twice in this process (no launch), the global RNG left in different states
+    one = DistInfo(0, 1, 0, torch.device("cpu"))
+    results = [evaluate(str(ckpt), [f"run.output_dir={tmp / name}"], one, rng_seed=seed)
+               for name, seed in (("a", 12345), ("b", 54321))]
+    out = tmp / "c.json"
+    proc = run(eval_command(ckpt, out, 2, f"run.output_dir={tmp / 'c'}"), ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results.append(json.loads(out.read_text()))
     assert results[0] == results[1] == results[2]  # exactly: the work is dealt in whole batches
     # and the run's own final evaluation of that checkpoint (2 ranks, inside training) agrees
     records = [json.loads(line) for line in (tmp / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]

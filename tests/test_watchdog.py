@@ -138,6 +138,11 @@ def test_a_frozen_rank_ends_the_job_with_the_last_checkpoint_intact(digits8, tmp
         ranks = rank_processes(proc)
         assert len(ranks) == 2, [p.cmdline() for p in ranks]
         os.kill(ranks[1].pid, signal.SIGSTOP)
+        # The launcher has seen rank 0's status once it starts ending the job. A stopped rank cannot
+        # act on its SIGTERM: the launcher SIGKILLs it after 30 s of its own grace; doing that here
+        # now ends the job as that would (its data workers die with it), 30 s sooner.
+        _wait_until(lambda: "Killing subprocess" in log.read_text() or proc.poll() is not None, timeout=250)
+        os.kill(ranks[1].pid, signal.SIGKILL)
         rc = proc.wait(timeout=250)
     finally:
         kill_group(proc)

@@ -79,7 +79,7 @@ def dry_run(cfg: TrainConfig, world_size: int) -> str:
 
     validate(cfg, world_size)
     try:
-        check_shards(cfg.data)
+        check_shards(cfg.data, cfg.align.enabled)
         data_note = "data: shards found"
     except ConfigError as err:
         data_note = f"warning: {err}"
@@ -108,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         from .training.data import check_shards  # noqa: PLC0415
 
-        check_shards(cfg.data)
+        check_shards(cfg.data, cfg.align.enabled)
         if cfg.model.init_from:
             from .training.init_from import check_init_from_config  # noqa: PLC0415
 

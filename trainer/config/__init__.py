@@ -8,6 +8,7 @@ from .parsing import config_from_dict, load_config
 from .phases import PhasePlan, PhaseState
 from .reference import reference_markdown
 from .schema import (
+    AlignConfig,
     CheckpointConfig,
     ConfigError,
     DataConfig,
@@ -26,7 +27,8 @@ from .validation import validate
 
 __all__ = [
     "PRECISIONS", "to_deepspeed_json", "zero_section", "config_from_dict", "load_config", "PhasePlan", "PhaseState",
-    "reference_markdown", "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedSection", "DiffusionConfig",
+    "reference_markdown", "AlignConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "DeepSpeedSection", "DiffusionConfig",
     "EMAConfig", "EvalConfig", "ModelConfig", "MonitorConfig", "OptimConfig", "PhasesConfig", "RunConfig",
     "TrainConfig", "validate",
 ]

@@ -116,6 +116,31 @@ class DiffusionConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Representation alignment (REPA, Yu et al. 2024): a training-only head on an encoder block's
+    tokens is pulled towards a frozen teacher's patch features, stored in the shards by
+    `mdt-data encode --features TEACHER`. With masking only the kept tokens are aligned."""
+
+    lambda_align: float = 0.0
+    """Weight of the alignment loss (negative cosine similarity per token); 0 turns it off. REPA
+    uses 0.5."""
+    block: int = 0
+    """The encoder block (1-based) whose output is aligned; 0: a third of the depth, rounded up
+    (REPA's 8 of SiT-XL's 28 blocks, 4 of SiT-B's 12)."""
+    head_hidden: int = 2048
+    """Width of the head's two hidden layers (an MLP with SiLU, as REPA's projector)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run aligns (lambda_align > 0)."""
+        return self.lambda_align > 0
+
+    def block_for(self, depth: int) -> int:
+        """The aligned block of a network with `depth` encoder blocks."""
+        return self.block if self.block else max(1, -(-depth // 3))
+
+
+@dataclass
 class DataConfig:
     """The latent stream (see trainer.training.data)."""
 
@@ -332,6 +357,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)

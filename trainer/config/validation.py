@@ -60,6 +60,14 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
            f"data.batch_size {d.batch_size} is not divisible by data.micro_batch_size {d.micro_batch_size} "
            f"x {world_size} ranks")
     _check(cfg.diffusion.gamma > 0, f"diffusion.gamma must be > 0, got {cfg.diffusion.gamma}")
+    a = cfg.align
+    _check(a.lambda_align >= 0, f"align.lambda_align must be >= 0 (0: off), got {a.lambda_align}")
+    _check(a.block >= 0, f"align.block must be >= 1 (0: a third of the depth), got {a.block}")
+    _check(a.head_hidden >= 1, f"align.head_hidden must be >= 1, got {a.head_hidden}")
+    if a.enabled and cfg.model.name in MODELS:
+        depth = {**MODELS[cfg.model.name].defaults, **cfg.model.options}.get("depth", 0)
+        _check(a.block_for(depth) <= depth,
+               f"align.block {a.block} is deeper than {cfg.model.name}'s {depth} encoder blocks")
     for key in ("mask_ratio", "end_mask_ratio"):
         value = getattr(p, key)
         _check(value is None or 0.0 <= value < 1.0, f"phases.{key} must be in [0, 1), got {value}")

@@ -21,7 +21,15 @@ from .noise import (
     make_sigma_sampler,
     snr,
 )
-from .objective import LossOutput, maskdit_loss, normalize_patches, per_token_mse, training_losses
+from .objective import (
+    Alignment,
+    LossOutput,
+    alignment_loss,
+    maskdit_loss,
+    normalize_patches,
+    per_token_mse,
+    training_losses,
+)
 from .preconditioning import (
     PRECONDITIONINGS,
     Denoiser,
@@ -49,7 +57,8 @@ from .weighting import WEIGHTINGS, LossWeighting
 __all__ = [
     "SCHEDULES", "SIGMA_CEIL", "SIGMA_FLOOR", "SIGMA_SAMPLERS", "DDPMSchedule", "DiscreteSigma", "LogNormalSigma",
     "SigmaSampler", "column", "ddpm_schedule_for", "make_sigma_sampler", "snr",
-    "LossOutput", "maskdit_loss", "normalize_patches", "per_token_mse", "training_losses",
+    "Alignment", "LossOutput", "alignment_loss", "maskdit_loss", "normalize_patches", "per_token_mse",
+    "training_losses",
     "PRECONDITIONINGS", "Denoiser", "EDMPrecond", "FlowPrecond", "Preconditioning", "VPPrecond", "make_denoiser",
     "make_preconditioning",
     "SAMPLERS", "GuidedModel", "SampleResult", "SamplerSpec", "SkipCacheConfig", "ddpm_sigmas", "default_sigmas",

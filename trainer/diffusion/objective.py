@@ -4,6 +4,11 @@ Per sample: DSM = the weighted denoising loss averaged over the kept (unmasked) 
 lambda_MAE x MAE = the reconstruction of the masked tokens' noisy input patches (normalised per
 patch, as MAE's norm_pix_loss), averaged over the masked tokens. With mask ratio 0 every token is
 kept and the MAE term is zero, so the objective is plain (weighted) denoising score matching.
+
+Optionally plus lambda_align x ALIGN (representation alignment, REPA, Yu et al. 2024): a head maps
+the tokens leaving encoder block k to the teacher's feature space, and ALIGN is the negative
+cosine similarity to the teacher's patch features at the same positions, averaged over the kept
+tokens (the masked ones never reach the encoder, so they have no state to align).
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from model_zoo.layers import patchify  # the network's token order, so masks line up
+from model_zoo.layers import gather_tokens, patchify  # the network's token order, so masks line up
 
 from .noise import SIGMA_CEIL, SIGMA_FLOOR, SigmaSampler, column
 from .preconditioning import Denoiser
@@ -26,7 +33,34 @@ class LossOutput(NamedTuple):
     sigma: torch.Tensor
     dsm: torch.Tensor
     mae: torch.Tensor
+    align: Optional[torch.Tensor] = None
+    """Negative cosine similarity to the teacher per sample (in [-1, 1]); zeros without alignment."""
 
+
+class Alignment(NamedTuple):
+    """What representation alignment needs for one batch.
+
+    head: maps block tokens [B, K, D] to teacher space [B, K, D_teacher] (trained; never exported).
+    features: the teacher's patch features [B, N, D_teacher] in the network's token order.
+    block: the encoder block (1-based) whose output is aligned.
+    weight: lambda_align.
+    """
+
+    head: nn.Module
+    features: torch.Tensor
+    block: int
+    weight: float
+
+
+def alignment_loss(projected: torch.Tensor, features: torch.Tensor,
+                   keep_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample negative cosine similarity [B] between projected tokens [B, K, D] and the
+    teacher's features [B, N, D], taken at keep_ids [B, K] when the tokens are a kept subset."""
+    target = features if keep_ids is None else gather_tokens(features, keep_ids)
+    if target.shape != projected.shape:
+        raise ValueError(f"teacher features {tuple(target.shape)} do not match the aligned tokens "
+                         f"{tuple(projected.shape)} (token grid or feature width differs)")
+    return -F.cosine_similarity(projected.float(), target.float(), dim=-1).mean(1)
 
 def per_token_mse(pred: torch.Tensor, target: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Mean squared error per token [B, N] between two [B, C, H, W] tensors (computed in float32)."""
@@ -48,13 +82,14 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
                  noise: torch.Tensor, mask_ratio: float, weighting: LossWeighting,
-                 lambda_mae: float = 0.1) -> LossOutput:
+                 lambda_mae: float = 0.1, align: Optional[Alignment] = None) -> LossOutput:
     """MaskDiT loss for clean latents x0 [B, C, H, W] noised at sigma [B] with noise n ~ N(0, I).
 
     The DSM part is weighting.output_weight(sigma) * |F - F_target|^2 per token, i.e. the x0-space
     weight converted to the network-output space, averaged over kept tokens. The MAE part compares
     the raw network output F on masked tokens with the normalised noisy input patches; F rather
     than D is used because D = c_skip * x + c_out * F would hand the target (x itself) to the loss.
+    With `align`, the alignment term (module doc) is added with weight align.weight.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -67,7 +102,8 @@ def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: t
     # A zero-SNR schedule has sigma = inf: noise at the largest finite sigma instead (SNR ~ 1e-16).
     s = sigma.float().clamp(SIGMA_FLOOR, SIGMA_CEIL)
     x = x0 + column(s, x0).to(x0.dtype) * noise
-    f, mask = denoiser.raw(x, s, y, mask_ratio=mask_ratio)
+    out = denoiser.raw(x, s, y, mask_ratio=mask_ratio, hidden_at=align.block if align is not None else 0)
+    f, mask = out.sample, out.mask
     if mask is None and mask_ratio > 0:
         raise ValueError(f"mask_ratio={mask_ratio} but the network returned no mask (a DiT cannot mask tokens)")
     target = precond.target(x0, noise, s)
@@ -80,12 +116,16 @@ def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: t
         mae_target = normalize_patches(patchify(x.float(), p))
         mae_token = ((patchify(f.float(), p) - mae_target) ** 2).mean(-1)
         mae = _masked_mean(mae_token, mask.float())
-    return LossOutput(dsm + lambda_mae * mae, sigma, dsm, mae)
+    loss = dsm + lambda_mae * mae
+    if align is None:
+        return LossOutput(loss, sigma, dsm, mae, torch.zeros_like(dsm))
+    aligned = alignment_loss(align.head(out.hidden), align.features, out.keep_ids)
+    return LossOutput(loss + align.weight * aligned, sigma, dsm, mae, aligned)
 
 
 def training_losses(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float,
                     weighting: LossWeighting, sigma_sampler: SigmaSampler, lambda_mae: float = 0.1,
-                    generator: Optional[torch.Generator] = None) -> LossOutput:
+                    generator: Optional[torch.Generator] = None, align: Optional[Alignment] = None) -> LossOutput:
     """One training batch: draw sigma [B] and noise, return per-sample losses with their parts.
 
     The trainer reduces `loss` (e.g. .mean()) for the backward pass and buckets it by `sigma`.
@@ -95,4 +135,4 @@ def training_losses(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, mask_
     """
     sigma = sigma_sampler(x0.shape[0], device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator).to(x0.dtype)
-    return maskdit_loss(denoiser, x0, y, sigma, noise, mask_ratio, weighting, lambda_mae)
+    return maskdit_loss(denoiser, x0, y, sigma, noise, mask_ratio, weighting, lambda_mae, align)

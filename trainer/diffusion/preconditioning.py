@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # the annotation only: the maths needs no network module at import
+if TYPE_CHECKING:  # the annotations only: the maths needs no network module at import
     from model_zoo.backbone import SkipCache
+    from model_zoo.layers import ModelOutput
 
 from .noise import SIGMA_CEIL, SIGMA_FLOOR, DDPMSchedule, column, ddpm_schedule_for
 
@@ -122,9 +123,10 @@ def make_preconditioning(name: str, sigma_data: float = 0.5,
 class Denoiser(nn.Module):
     """Wraps a model_zoo network F with a preconditioning: D(x; sigma, y) in sigma space.
 
-    forward() returns the denoised estimate (what samplers need); raw() returns F and the token mask
-    (what the training objective needs). With learn_sigma networks only the first in_channels output
-    channels are used: the learned variance is not trained here (MaskDiT does not use it).
+    forward() returns the denoised estimate (what samplers need); raw() returns F, the token mask
+    and, when asked, an encoder block's tokens (what the training objective needs). With
+    learn_sigma networks only the first in_channels output channels are used: the learned variance
+    is not trained here (MaskDiT does not use it).
     """
 
     def __init__(self, net: nn.Module, precond: Preconditioning):
@@ -142,19 +144,21 @@ class Denoiser(nn.Module):
         return self.net.new_skip_cache(n_keep)
 
     def raw(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0,
-            skip_cache=None, reuse_cache: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(F [B, C, H, W], mask [B, N] or None) for sigma-space input x [B, C, H, W], sigma [B]."""
+            skip_cache=None, reuse_cache: bool = False, hidden_at: int = 0) -> "ModelOutput":
+        """The network's ModelOutput for sigma-space input x [B, C, H, W], sigma [B], with sample =
+        F [B, C, H, W] (learned-variance channels dropped); hidden / keep_ids with hidden_at > 0."""
         sigma = self._per_sample(sigma, x)
         _, _, c_in, c_noise = self.precond.scalings(sigma)
+        extra = {"hidden_at": hidden_at} if hidden_at else {}  # networks without the argument keep working
         out = self.net(x * column(c_in, x).to(x.dtype), c_noise, y, mask_ratio=mask_ratio,
-                       skip_cache=skip_cache, reuse_cache=reuse_cache)
-        return out.sample[:, : x.shape[1]], out.mask
+                       skip_cache=skip_cache, reuse_cache=reuse_cache, **extra)
+        return out._replace(sample=out.sample[:, : x.shape[1]])
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, skip_cache=None,
                 reuse_cache: bool = False) -> torch.Tensor:
         """Denoised estimate D(x; sigma) [B, C, H, W] for sigma [B] or a scalar."""
         sigma = self._per_sample(sigma, x)
-        f, _ = self.raw(x, sigma, y, skip_cache=skip_cache, reuse_cache=reuse_cache)
+        f = self.raw(x, sigma, y, skip_cache=skip_cache, reuse_cache=reuse_cache).sample
         c_skip, c_out, _, _ = self.precond.scalings(sigma)
         return column(c_skip, x) * x + column(c_out, x) * f.to(x.dtype)
 

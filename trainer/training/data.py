@@ -16,6 +16,9 @@ Bad input (unreadable or truncated shard, missing field, wrong shape or dtype, b
 skipped with a warning naming shard and key and counted in ``LatentLoader.skipped``; batches
 keep their shape.
 
+``LoaderOptions.features`` adds the teacher's features of each sample (``feat.npy``, or
+``feat_flip.npy`` when the flipped latent was drawn) as float16 ``[B, D, G, G]`` right after ``y``.
+
 ``LoaderOptions.return_draws`` makes every batch carry what was drawn for it (``Draws``: the flip
 choices and the exact noise), so tests can recompute ``z`` from the stored moments; training
 leaves it off.
@@ -44,6 +47,8 @@ from webdataset.gopen import gopen
 
 from data_tools.format import (
     CLS_FIELD,
+    FEATURE_FIELD,
+    FEATURE_FLIP_FIELD,
     FLIP_FIELD,
     LATENT_FIELD,
     DataToolsError,
@@ -99,6 +104,8 @@ class LoaderOptions:
     """Share of the shards (the last ones) held out from training for validation."""
     split: str = "train"
     """With holdout_fraction: 'train' reads the other shards, 'holdout' only the held-out ones."""
+    features: bool = False
+    """Also yield each sample's teacher features (representation alignment): (z, y, f, ...)."""
 
 
 class Draws(NamedTuple):
@@ -111,21 +118,25 @@ class Draws(NamedTuple):
     None when no noise was drawn (single-moment data or ``sample_posterior=False``)."""
 
 
-def check_shards(d: DataConfig) -> None:
+def check_shards(d: DataConfig, features: bool = False) -> None:
     """Before any process group starts: the configured shards (and held-out shards) resolve to a
-    manifest and every local shard exists; ConfigError naming the key otherwise."""
+    manifest and every local shard exists, and with features=True (align.lambda_align > 0) the
+    training shards hold teacher features; ConfigError naming the key otherwise."""
     if not d.shards:
         raise ConfigError("data.shards is empty: point it at a directory made by `mdt-data encode`")
     for key, shards, manifest in (("data.shards", d.shards, d.manifest), ("data.val_shards", d.val_shards, None)):
         if not shards:
             continue
         try:
-            urls, _ = resolve_shards(shards, manifest)
+            urls, found = resolve_shards(shards, manifest)
         except (DataToolsError, OSError) as err:
             raise ConfigError(f"{key}: {err}") from None
         missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
         if missing:
             raise ConfigError(f"{key}: shard {missing[0]} does not exist")
+        if features and key == "data.shards" and not found.features:
+            raise ConfigError(f"align.lambda_align > 0 needs teacher features, but the shards of data.shards "
+                              f"({shards}) hold none: encode them with `mdt-data encode --features TEACHER`")
 
 
 class _ShardStream(IterableDataset):
@@ -140,6 +151,8 @@ class _ShardStream(IterableDataset):
         self.start = start
         self.spec, self.num_classes = man.spec, man.num_classes
         self.use_flip = opts.hflip and man.has_flip
+        self.feature_spec = man.feature_spec if opts.features else None
+        self.fields = _READ_FIELDS | ({FEATURE_FIELD, FEATURE_FLIP_FIELD} if opts.features else set())
         self.scale = float(opts.scaling_factor if opts.scaling_factor is not None else man.scaling_factor)
         self.skipped, self.warned, self.reported, self.base = 0, 0, 0, 0
 
@@ -155,7 +168,7 @@ class _ShardStream(IterableDataset):
         last = None
         try:
             with gopen(url, "rb") as stream:
-                for key, fields in iter_tar_samples(stream, _READ_FIELDS):
+                for key, fields in iter_tar_samples(stream, self.fields):
                     last = key
                     yield url, key, fields
         except Exception as exc:  # damaged/truncated/missing shard: many exception types
@@ -190,18 +203,23 @@ class _ShardStream(IterableDataset):
         rnd.shuffle(buf)
         yield from buf
 
-    def _decode(self, url: str, key: str, fields: dict[str, bytes], flip: bool,
-                decode: FastArrayDecoder) -> tuple[np.ndarray, int] | None:
-        """The chosen latent and the label, or None (skipped and counted) when anything is off."""
+    def _decode(self, url: str, key: str, fields: dict[str, bytes], flip: bool, decode: FastArrayDecoder,
+                decode_features: FastArrayDecoder | None) -> tuple[np.ndarray, int, np.ndarray | None] | None:
+        """The chosen latent, the label and (when asked) the matching features, or None (skipped and
+        counted) when anything is off."""
         name = FLIP_FIELD if flip else LATENT_FIELD
-        problem, latent, label = None, None, -1
-        if name not in fields or CLS_FIELD not in fields:
-            problem = f"missing field {name if name not in fields else CLS_FIELD}"
+        names = [name, CLS_FIELD] + ([FEATURE_FLIP_FIELD if flip else FEATURE_FIELD] if decode_features else [])
+        problem, latent, label, features = None, None, -1, None
+        missing = [n for n in names if n not in fields]
+        if missing:
+            problem = f"missing field {missing[0]}"
         else:
             try:
                 latent = decode(fields[name])
+                if decode_features is not None:
+                    features = decode_features(fields[names[2]])
             except ValueError as exc:
-                problem = f"{name}: {exc}"
+                problem = f"{names[2] if latent is not None else name}: {exc}"
             text = fields[CLS_FIELD][:20].decode("ascii", "replace").strip()
             label = int(text) if text.isdigit() else -1
             if problem is None and not 0 <= label < self.num_classes:
@@ -209,7 +227,7 @@ class _ShardStream(IterableDataset):
         if problem is not None:
             self._skip(url, key, problem)
             return None
-        return latent, label
+        return latent, label, features
 
     def _batch(self, arrays: list[np.ndarray], eps_seed: int, index: int
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -240,35 +258,39 @@ class _ShardStream(IterableDataset):
         rnd = random.Random(int(rng.integers(2**63)))
         eps_seed = int(rng.integers(2**63))
         decode, bs = FastArrayDecoder(self.spec), self.opts.batch_size
-        arrays, labels, keys, flips, made = [], [], [], [], 0
+        decode_features = FastArrayDecoder(self.feature_spec) if self.feature_spec is not None else None
+        arrays, labels, keys, flips, feats, made = [], [], [], [], [], 0
         for url, key, fields in self._shuffled(self._samples(self.urls[reader::workers], rng), rnd):
             flip = self.use_flip and rnd.random() < 0.5
-            got = self._decode(url, key, fields, flip, decode)
+            got = self._decode(url, key, fields, flip, decode, decode_features)
             if got is None:
                 continue
             arrays.append(got[0])
             labels.append(got[1])
+            feats.append(got[2])
             keys.append(key)
             flips.append(flip)
             if len(arrays) == bs:
                 if made >= done:
-                    yield self._emit(arrays, labels, keys, flips, eps_seed, made, worker)
+                    yield self._emit(arrays, labels, keys, flips, feats, eps_seed, made, worker)
                 else:
                     self.base = self.skipped  # delivered before the checkpoint, skips counted then
-                arrays, labels, keys, flips, made = [], [], [], [], made + 1
+                arrays, labels, keys, flips, feats, made = [], [], [], [], [], made + 1
                 if quota is not None and made >= quota:
                     break
         else:
             if arrays and not self.opts.drop_last:
-                yield self._emit(arrays, labels, keys, flips, eps_seed, made, worker)
+                yield self._emit(arrays, labels, keys, flips, feats, eps_seed, made, worker)
         if self.skipped - self.base != self.reported:  # skips after the last batch still count
-            yield self._emit([], [], [], [], eps_seed, made, worker)
+            yield self._emit([], [], [], [], [], eps_seed, made, worker)
 
-    def _emit(self, arrays, labels, keys, flips, eps_seed, index, worker) -> tuple:
+    def _emit(self, arrays, labels, keys, flips, feats, eps_seed, index, worker) -> tuple:
         # The worker's cumulative skip count rides along so the main process can sum it.
         self.reported = self.skipped - self.base
         z, eps = self._batch(arrays, eps_seed, index) if arrays else (torch.empty(0), None)
         out = (z, torch.tensor(labels, dtype=torch.long), worker, self.reported)
+        if self.feature_spec is not None:
+            out += (torch.from_numpy(np.stack(feats)) if feats else torch.empty(0),)  # float16 [B, D, G, G]
         if self.opts.return_keys:
             out += (list(keys),)
         if self.opts.return_draws:
@@ -331,6 +353,9 @@ class LatentLoader:
         if len(urls) < readers:
             raise ValueError(f"{len(urls)} shards < {world_size} ranks x {max(1, opts.num_workers)} workers"
                              f" = {readers} readers: use fewer workers or re-encode with smaller --shard-size")
+        if opts.features and manifest.feature_spec is None:
+            raise ValueError("these shards hold no teacher features: encode them with `mdt-data encode --features "
+                             "TEACHER` to align representations")
         self.manifest, self.opts, self.rank, self.world_size = manifest, opts, rank, world_size
         self.urls = urls[rank::world_size]
         self.steps_per_epoch: int | None = None
@@ -403,7 +428,7 @@ class LatentLoader:
                 continue
             self.samples_seen += len(y)
             self.batches_in_epoch += 1
-            yield (z, y, *extra)  # extra: [keys][, draws], as the options ask
+            yield (z, y, *extra)  # extra: [features][, keys][, draws], as the options ask
         self.epoch += 1
         self.batches_in_epoch = 0
 

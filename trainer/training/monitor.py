@@ -56,7 +56,8 @@ class Monitor:
     def _reset(self) -> None:
         n = len(SIGMA_EDGES) + 1
         # [loss, dsm, mae, samples] sums and per-bucket [sum, count]; one tensor -> one all_reduce.
-        self._sums = torch.zeros(4 + 2 * n, device=self.device, dtype=torch.float64)
+        # [loss, dsm, mae, count, loss per sigma bucket (n), count per bucket (n), align]
+        self._sums = torch.zeros(5 + 2 * n, device=self.device, dtype=torch.float64)
         self._step_sums = torch.zeros_like(self._sums)  # the current step's, until it is applied
         self._data_wait = 0.0
         self._steps = 0
@@ -83,7 +84,8 @@ class Monitor:
         # new_full fills on the device; torch.tensor(x, device=...) would copy from the host and wait
         head = torch.stack([loss.sum(), out.dsm.detach().double().sum(), out.mae.detach().double().sum(),
                             loss.new_full((), float(loss.numel()))])
-        self._step_sums += torch.cat([head, per_bucket, counts])
+        align = out.align.detach().double().sum() if out.align is not None else loss.new_zeros(())
+        self._step_sums += torch.cat([head, per_bucket, counts, align.reshape(1)])
 
     def drop_step(self) -> None:
         """Forget the current step's losses: its update was skipped (non-finite gradients) and the
@@ -113,7 +115,7 @@ class Monitor:
         count = max(sums[3], 1.0)
         elapsed = max(self._clock() - self._window_start, 1e-9)
         metrics = {"loss": sums[0] / count, "loss_dsm": sums[1] / count, "loss_mae": sums[2] / count,
-                   "skipped_samples": sums[4 + 2 * n],
+                   "loss_align": sums[4 + 2 * n] / count, "skipped_samples": sums[5 + 2 * n],
                    "images_per_s": self._images * world_size / elapsed,
                    "data_wait_share": self._data_wait / elapsed,
                    "mfu": self._flops / elapsed / self.peak_flops if self.peak_flops else 0.0}
@@ -136,8 +138,9 @@ class Monitor:
     def _print(self, step: int, m: Dict[str, float], elapsed: float, phase: str) -> None:
         rate = elapsed / max(1, self._steps)
         eta = format_eta((self.total_steps - step) * rate)
+        align = f" align {m['loss_align']:.3f}" if m.get("loss_align") else ""
         line = (f"step {step}/{self.total_steps} | {phase} r={m.get('mask_ratio', 0):.2f} | "
-                f"loss {m['loss']:.4f} (dsm {m['loss_dsm']:.4f} mae {m['loss_mae']:.4f}) | "
+                f"loss {m['loss']:.4f} (dsm {m['loss_dsm']:.4f} mae {m['loss_mae']:.4f}{align}) | "
                 f"lr {m.get('lr', 0):.2e} | gnorm {m.get('grad_norm', float('nan')):.3f} | "
                 f"{m['images_per_s']:.1f} img/s | MFU {m['mfu']:.1%} | data {m['data_wait_share']:.0%} | "
                 f"ETA {eta}")

@@ -1,20 +1,23 @@
 """What is trained: the network from the registry wrapped with its diffusion objective.
 
 DeepSpeed wraps `TrainingModule`, whose forward returns the per-sample losses, so the engine's own
-forward path (hooks, ZeRO-3 parameter fetching) is the one used in training.
+forward path (hooks, ZeRO-3 parameter fetching) is the one used in training. The representation
+alignment head lives here, beside the network rather than in it: checkpoints carry it (so a resume
+continues it), while the EMA, exports and sampling see the network alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model_zoo.registry import build_model
 
 from ..config import TrainConfig
-from ..diffusion import LossOutput, LossWeighting, make_sigma_sampler, training_losses
+from ..diffusion import Alignment, LossOutput, LossWeighting, make_sigma_sampler, training_losses
 
 
 def build_network(cfg: TrainConfig, kwargs: Dict[str, Any]) -> nn.Module:
@@ -24,13 +27,45 @@ def build_network(cfg: TrainConfig, kwargs: Dict[str, Any]) -> nn.Module:
     return net
 
 
+class AlignHead(nn.Module):
+    """REPA's projector: Linear, SiLU, Linear, SiLU, Linear from the network's width to the
+    teacher's, applied per token."""
+
+    def __init__(self, width: int, hidden: int, out: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, K, width] -> [B, K, out]."""
+        return self.mlp(tokens)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward = 3 x 2 x the multiply-adds)."""
+        return 6.0 * sum(layer.in_features * layer.out_features for layer in self.mlp if isinstance(layer, nn.Linear))
+
+
+def tokens_from_grid(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """Teacher features [B, D, G, G] (any float dtype) -> [B, grid^2, D] float32 in the network's
+    token order (row-major, as patchify). A finer stored grid is averaged down (area), a coarser
+    one interpolated bilinearly."""
+    f = features.float()
+    if f.shape[-1] != grid:
+        mode = "area" if f.shape[-1] > grid else "bilinear"
+        f = F.interpolate(f, size=(grid, grid), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return f.flatten(2).transpose(1, 2)
+
+
 class TrainingModule(nn.Module):
-    """Denoiser + loss: forward(x0, y, mask_ratio) -> LossOutput with per-sample losses.
+    """Denoiser + loss: forward(x0, y, mask_ratio[, features]) -> LossOutput with per-sample losses.
 
     Sigma, noise, the token mask and the label dropout all come from the global RNG, which the
-    trainer seeds per micro-step (trainer.training.engine.seed_step)."""
+    trainer seeds per micro-step (trainer.training.engine.seed_step). With align.lambda_align > 0,
+    feature_shape = (teacher width, stored grid side) builds the alignment head and forward takes
+    the batch's teacher features [B, D, G, G].
+    """
 
-    def __init__(self, net: nn.Module, cfg: TrainConfig):
+    def __init__(self, net: nn.Module, cfg: TrainConfig, feature_shape: Optional[Tuple[int, int]] = None):
         super().__init__()
         d = cfg.diffusion
         self.denoiser = d.denoiser(net)
@@ -38,13 +73,29 @@ class TrainingModule(nn.Module):
         self.sigma_sampler = make_sigma_sampler(d.sigma_sampler, p_mean=d.p_mean, p_std=d.p_std,
                                                 schedule=getattr(self.denoiser.precond, "schedule", None))
         self.lambda_mae = d.lambda_mae
+        self.align_head: Optional[AlignHead] = None
+        self.lambda_align, self.align_block = cfg.align.lambda_align, 0
+        if cfg.align.enabled:
+            if feature_shape is None:
+                raise ValueError("align.lambda_align > 0 needs the teacher features' shape (width, grid)")
+            self.align_block = cfg.align.block_for(net.depth)
+            if not 1 <= self.align_block <= net.depth:
+                raise ValueError(f"align.block {self.align_block} is outside the network's 1..{net.depth} blocks")
+            self.align_head = AlignHead(net.hidden_size, cfg.align.head_hidden, feature_shape[0])
 
     @property
     def net(self) -> nn.Module:
         """The registry network being trained."""
         return self.denoiser.net
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0) -> LossOutput:
+    def forward(self, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0,
+                features: Optional[torch.Tensor] = None) -> LossOutput:
         """Per-sample weighted losses of one micro-batch (noise, sigma and mask drawn inside)."""
+        align = None
+        if self.align_head is not None:
+            if features is None:
+                raise ValueError("this module aligns representations: pass the batch's teacher features")
+            align = Alignment(self.align_head, tokens_from_grid(features, self.net.grid_size), self.align_block,
+                              self.lambda_align)
         return training_losses(self.denoiser, x0, y, mask_ratio, self.weighting, self.sigma_sampler,
-                               lambda_mae=self.lambda_mae)
+                               lambda_mae=self.lambda_mae, align=align)

@@ -56,14 +56,18 @@ class Trainer:
         holdout = 0.0 if d.val_shards else d.val_fraction  # held-out shards stay out of training
         self.loader = build_latent_loader(d.shards, d.micro_batch_size, rank, world, num_workers=d.num_workers,
                                           seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer, hflip=d.hflip,
-                                          epoch_samples=d.epoch_samples, manifest=d.manifest, holdout_fraction=holdout)
+                                          epoch_samples=d.epoch_samples, manifest=d.manifest, holdout_fraction=holdout,
+                                          features=cfg.align.enabled)
         latent_shape = tuple(self.loader.manifest.spec.shape)
         kwargs = cfg.model_kwargs(latent_shape, self.loader.manifest.num_classes)
         self.resume_from = resume_target(cfg, world)
         ds_config = deepspeed_config(cfg, world)  # universal or not is set per load (checkpointer)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         beat("building the engine")
-        self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg), ds_config, rank,
+        spec = self.loader.manifest.feature_spec if cfg.align.enabled else None
+        feature_shape = (spec.shape[0], spec.shape[-1]) if spec is not None else None
+        self.engine = build_engine(lambda: TrainingModule(build_network(cfg, kwargs), cfg, feature_shape),
+                                   ds_config, rank,
                                    cfg.model.compile, cfg.model.compile_backend, cfg.phases.schedule_levels + 2,
                                    self._init_weights())
         self.num_tokens = self.engine.module.net.num_tokens
@@ -233,12 +237,13 @@ class Trainer:
             scale_before = loss_scale(self.engine) if fp16 else None
             for micro in range(accumulation):
                 start = time.perf_counter()
-                z, y = next(batches)
+                z, y, *features = next(batches)  # features: the teacher's, when aligning
                 data_wait += time.perf_counter() - start
                 z, y = z.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+                features = [f.to(self.dist.device, non_blocking=True) for f in features]
                 seed_step(self.cfg.run.seed, self.dist.rank, step - 1, tries * accumulation + micro,
                           self.recovery.rollbacks)
-                out = self.engine(z, y, ratio)
+                out = self.engine(z, y, ratio, *features)
                 loss = out.loss.mean()
                 self.engine.backward(loss)
                 self.engine.step()
@@ -330,6 +335,9 @@ class Trainer:
         the monitor's window)."""
         batch = self.cfg.data.batch_size
         flops = self.flops(phase.mask_ratio) * batch
+        head = self.engine.module.align_head
+        if head is not None:  # the alignment head trains on the kept tokens (its teacher costs nothing here)
+            flops += head.flops_per_token() * kept_token_count(self.num_tokens, phase.mask_ratio) * batch
         now = time.perf_counter()
         self.state.step += 1
         self.state.images_seen += batch
