@@ -55,7 +55,11 @@ class Teacher:
             raise DataToolsError(f"--features {path}: config.json names no patch_size / hidden_size (not a ViT)")
         try:
             from transformers import AutoModel  # noqa: PLC0415 - heavy; only feature encoding needs it
+            from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
+            # its notes on unused classifier weights and its progress bars would bury our own lines
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
             model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         except Exception as exc:  # noqa: BLE001 - every loading failure is the same one-line error
             raise DataToolsError(f"--features {path}: cannot load the teacher ({type(exc).__name__}: "

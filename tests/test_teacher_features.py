@@ -67,8 +67,9 @@ def test_features_round_trip_with_their_flips(full_features, teacher_dir):
             # the latent and the features come from the same (mirrored or not) image
             expect_z = image.flip(2) if flip else image
             assert torch.equal(z[j], expect_z.float().div(127.5).sub(1.0).half().float())
-            expect = teacher.features((expect_z)[None], 8)[0].half()
-            assert torch.equal(feats[j], expect)
+            expect = teacher.features(expect_z[None], 8)[0]
+            # computed in a batch of 8 when encoded: equal up to float16 rounding
+            torch.testing.assert_close(feats[j].float(), expect, rtol=2e-3, atol=2e-3)
     assert flips_seen == {True, False}
     # a mirror's features are the teacher's on the mirrored image, not the mirrored grid
     img = next(iter(by_key.values()))[None]
@@ -104,8 +105,8 @@ def test_reduced_features_apply_the_recorded_pca(tmp_path, teacher_dir):
                                                        return_keys=True, shuffle_buffer=0)))
     source = open_source("digits", 48)
     image = torch.from_numpy(center_crop_resize(source.load(int(keys[0][1:]))[0], 16)).permute(2, 0, 1)
-    expect = projection.apply(teacher.features(image[None], 8))[0].half()
-    assert torch.equal(feats[0], expect)
+    expect = projection.apply(teacher.features(image[None], 8))[0]
+    torch.testing.assert_close(feats[0].float(), expect, rtol=2e-3, atol=2e-3)
     # the same fit from the same features gives the same file content (signs fixed)
     sample = teacher.features(image[None].repeat(3, 1, 1, 1) + torch.arange(3).view(3, 1, 1, 1).byte(), 8)
     a, b = fit_projection(sample, 3), fit_projection(sample.clone(), 3)
@@ -136,9 +137,9 @@ def test_alignment_on_shards_without_features_is_refused_before_launch(digits8, 
     check_shards(DataConfig(shards=str(full_features[0])), features=True)
     with pytest.raises(ValueError, match="hold no teacher features"):
         build_latent_loader(digits8, 8, num_workers=0, features=True)
-    from launcher import tiny_config, write_config
-
     from trainer.cli import main as train_main
+
+    from launcher import tiny_config, write_config
 
     cfg = write_config(tiny_config(digits8, str(tmp_path), align={"lambda_align": 0.5}), tmp_path / "c.yaml")
     assert train_main(["--config", str(cfg)]) == 2

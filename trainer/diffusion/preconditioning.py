@@ -9,16 +9,26 @@ c_in = 1 / sqrt(sigma^2 + 1), and epsilon-, v- and x0-prediction differ only in 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # the annotations only: the maths needs no network module at import
+if TYPE_CHECKING:  # the annotation only: the maths needs no network module at import
     from model_zoo.backbone import SkipCache
-    from model_zoo.layers import ModelOutput
 
 from .noise import SIGMA_CEIL, SIGMA_FLOOR, DDPMSchedule, column, ddpm_schedule_for
+
+
+class RawOutput(NamedTuple):
+    """Denoiser.raw's result: the network output F [B, C, H, W] (learned-variance channels
+    dropped), the token mask, and with hidden_at > 0 the tapped block's tokens and their positions
+    (see model_zoo.layers.ModelOutput)."""
+
+    sample: torch.Tensor
+    mask: Optional[torch.Tensor]
+    hidden: Optional[torch.Tensor] = None
+    keep_ids: Optional[torch.Tensor] = None
 
 
 class Preconditioning:
@@ -144,15 +154,16 @@ class Denoiser(nn.Module):
         return self.net.new_skip_cache(n_keep)
 
     def raw(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0,
-            skip_cache=None, reuse_cache: bool = False, hidden_at: int = 0) -> "ModelOutput":
-        """The network's ModelOutput for sigma-space input x [B, C, H, W], sigma [B], with sample =
-        F [B, C, H, W] (learned-variance channels dropped); hidden / keep_ids with hidden_at > 0."""
+            skip_cache=None, reuse_cache: bool = False, hidden_at: int = 0) -> RawOutput:
+        """F, the mask and (hidden_at > 0) the tapped tokens for sigma-space input x [B, C, H, W],
+        sigma [B]."""
         sigma = self._per_sample(sigma, x)
         _, _, c_in, c_noise = self.precond.scalings(sigma)
         extra = {"hidden_at": hidden_at} if hidden_at else {}  # networks without the argument keep working
         out = self.net(x * column(c_in, x).to(x.dtype), c_noise, y, mask_ratio=mask_ratio,
                        skip_cache=skip_cache, reuse_cache=reuse_cache, **extra)
-        return out._replace(sample=out.sample[:, : x.shape[1]])
+        return RawOutput(out.sample[:, : x.shape[1]], out.mask, getattr(out, "hidden", None),
+                         getattr(out, "keep_ids", None))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, skip_cache=None,
                 reuse_cache: bool = False) -> torch.Tensor:
