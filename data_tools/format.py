@@ -95,6 +95,15 @@ def decode_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def _misfit(array: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str | None:
+    """Why an array is not of this dtype and shape, or None."""
+    if array.dtype != np.dtype(dtype):
+        return f"dtype {array.dtype} != {dtype}"
+    if tuple(array.shape) != shape:
+        return f"shape {tuple(array.shape)} != {shape}"
+    return None
+
+
 @dataclass(frozen=True)
 class LatentSpec:
     """What every stored latent looks like.
@@ -115,11 +124,7 @@ class LatentSpec:
 
     def check(self, array: np.ndarray) -> str | None:
         """Return why ``array`` does not fit this spec, or None when it does."""
-        if array.dtype != np.dtype(self.dtype):
-            return f"dtype {array.dtype} != {self.dtype}"
-        if tuple(array.shape) != self.stored_shape:
-            return f"shape {tuple(array.shape)} != {self.stored_shape}"
-        return None
+        return _misfit(array, self.dtype, self.stored_shape)
 
 
 @dataclass(frozen=True)
@@ -136,11 +141,7 @@ class ArraySpec:
 
     def check(self, array: np.ndarray) -> str | None:
         """Return why ``array`` does not fit this spec, or None when it does."""
-        if array.dtype != np.dtype(self.dtype):
-            return f"dtype {array.dtype} != {self.dtype}"
-        if tuple(array.shape) != self.stored_shape:
-            return f"shape {tuple(array.shape)} != {self.stored_shape}"
-        return None
+        return _misfit(array, self.dtype, self.stored_shape)
 
 
 class FastArrayDecoder:
