@@ -20,40 +20,16 @@ def state_of(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def train_at_stage(stage: int, shards: str, tmp_path: Path) -> Path:
-    """30 steps on 2 ranks at a ZeRO stage (fp32, EMA decay ~0 so it tracks the live weights);
-    returns the final checkpoint."""
-    cfg = tiny_config(shards, str(tmp_path / "runs"), deepspeed={"zero_stage": stage},
-                      run={"total_steps": 30}, ema={"decay": 1e-6, "warmup": False})
-    port = free_port()
-    proc = run(deepspeed_command(write_config(cfg, tmp_path / "c.yaml"), port), tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # DeepSpeed's CPU shm all-reduce op stays out: it leaked one /dev/shm segment per rank per run
-    assert "deepspeed_shm_comm" not in proc.stdout + proc.stderr
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    logged = losses(proc.stdout)
-    assert sorted(logged) == [5, 10, 15, 20, 25, 30]
-    assert logged[30] < 0.8 * logged[5], logged
-    ckpt = tmp_path / "runs" / "t" / "checkpoints" / "step00000030"
-    assert (ckpt / COMPLETE).exists()
-    return ckpt
-
-
-@pytest.fixture(scope="module")
-def stage0_run(digits8, tmp_path_factory) -> Path:
-    """Plain data parallelism: every rank applies the all-reduced gradient to its own full copy."""
-    return train_at_stage(0, digits8, tmp_path_factory.mktemp("stage0"))
-
-
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_train_the_same_weights_as_plain_data_parallelism(stage, stage0_run, digits8, tmp_path):
+def test_zero_stages_train_the_same_weights_as_plain_data_parallelism(stage, zero_stage_runs, tmp_path):
     """At stage 0 the replicas' own weights can drift apart, so their checksums must agree. At
     stages 1-3 they agree by construction (each rank updates its partition, then all gather), so
     that check cannot see a rank whose partition was updated with its local gradient instead of the
     reduced one; what can is the result: the same weights as stage 0 trains on the same data
     (reduction order aside: measured 2e-5 at most after 30 steps; such a fault moves weights by
-    about lr = 2e-3 per step)."""
-    ckpt = stage0_run if stage == 0 else train_at_stage(stage, digits8, tmp_path)
+    about lr = 2e-3 per step). The runs: conftest's zero_stage_runs (stage 0 is plain data
+    parallelism: every rank applies the all-reduced gradient to its own full copy)."""
+    ckpt, stage0_run = zero_stage_runs[stage], zero_stage_runs[0]
     sums = state_of(ckpt)["replica_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     live, _ = network_weights(str(ckpt), "model")
