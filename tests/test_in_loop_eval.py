@@ -20,7 +20,7 @@ from trainer.distributed import DistInfo
 from trainer.training.evaluator import keep_records_through
 from trainer.training.stop import RunStopped
 
-from launcher import ROOT, free_port, losses, run, tiny_config, write_config
+from launcher import ROOT, free_port, losses, run, runs_in, tiny_config, train_each_command, write_config
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -34,20 +34,31 @@ def eval_command(checkpoint: Path, out: Path, ranks: int, *overrides: str) -> li
 
 
 @pytest.fixture(scope="module")
-def eval_run(digits8, tmp_path_factory):
-    """12 steps on 2 ranks with an evaluation every 6 (and so at the end): 3 of the 18 shards held out."""
-    tmp = tmp_path_factory.mktemp("eval_run")
-    cfg = tiny_config(digits8, str(tmp / "runs"), run={"total_steps": 12}, eval=EVAL, data={
+def launched(digits8, tmp_path_factory):
+    """Two 2-rank runs, one after the other in the ranks of one launch: "eval_run", 12 steps with an
+    evaluation every 6 (and so at the end), 3 of the 18 shards held out; "budget", a time budget
+    that ends it early. Name -> (its directory, rank 0's output of it)."""
+    tmp = tmp_path_factory.mktemp("launched")
+    eval_run = tiny_config(digits8, str(tmp / "eval_run" / "runs"), run={"total_steps": 12}, eval=EVAL, data={
         "shards": digits8, "batch_size": 16, "micro_batch_size": 8, "num_workers": 1, "shuffle_buffer": 50,
         "val_fraction": 0.15}, monitor={"log_every": 3, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 2})
-    proc = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(free_port()), "--module", "trainer.cli", "--config", str(write_config(cfg, tmp / "c.yaml"))], tmp)
+    budget = tiny_config(digits8, str(tmp / "budget" / "runs"), run={"total_steps": 100000, "time_limit_s": 3},
+                         eval={**EVAL, "every": 100000, "metrics": ["digits"], "guidance_scales": [1.0]},
+                         monitor={"log_every": 50, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 2})
+    names = ("eval_run", "budget")
+    configs = [write_config(cfg, tmp / f"{name}.yaml") for name, cfg in zip(names, (eval_run, budget))]
+    proc = run(train_each_command(configs, free_port()), tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp, proc
+    return {name: (tmp / name, out) for name, out in zip(names, runs_in(proc.stdout))}
+
+
+@pytest.fixture(scope="module")
+def eval_run(launched):
+    return launched["eval_run"]
 
 
 def test_a_run_evaluates_on_schedule_and_records_compute(eval_run):
-    tmp, proc = eval_run
+    tmp, stdout = eval_run
     run_dir = tmp / "runs" / "t"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [6, 12] and [r["final"] for r in records] == [False, True]
@@ -71,7 +82,7 @@ def test_a_run_evaluates_on_schedule_and_records_compute(eval_run):
     events.Reload()
     assert [e.step for e in events.Scalars("eval/val_loss")] == [6, 12]
     assert {"eval/digits_fd@g2", "eval/seconds", "eval/time_share"} <= set(events.Tags()["scalars"])
-    assert "eval step 12: val_loss" in proc.stdout and sorted(losses(proc.stdout)) == [3, 6, 9, 12]
+    assert "eval step 12: val_loss" in stdout and sorted(losses(stdout)) == [3, 6, 9, 12]
 
 
 def test_the_same_checkpoint_evaluates_the_same_twice_and_on_one_or_two_ranks(eval_run):
@@ -141,18 +152,12 @@ def test_fid_from_cached_reference_statistics_equals_recomputed(digits8, tmp_pat
     assert math.isfinite(first) and first > 0 and first == again == recomputed
 
 
-def test_a_time_budget_ends_the_run_with_its_final_evaluation(digits8, tmp_path):
-    cfg = tiny_config(digits8, str(tmp_path / "runs"), run={"total_steps": 100000, "time_limit_s": 3},
-                      eval={**EVAL, "every": 100000, "metrics": ["digits"], "guidance_scales": [1.0]},
-                      monitor={"log_every": 50, "peak_tflops": 1.0, "sample_count": 4, "sample_steps": 2})
-    proc = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(free_port()), "--module", "trainer.cli", "--config", str(write_config(cfg, tmp_path / "c.yaml"))],
-               tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "t"
+def test_a_time_budget_ends_the_run_with_its_final_evaluation(launched):
+    tmp, stdout = launched["budget"]
+    run_dir = tmp / "runs" / "t"
     record = read_record(find_resume(str(run_dir / "checkpoints"), "auto"))
     assert 0 < record.step < 100000 and record.train_seconds >= 3
-    assert f"run.time_limit_s=3 reached after {record.step} steps" in proc.stdout
+    assert f"run.time_limit_s=3 reached after {record.step} steps" in stdout
     (last,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert last["final"] and last["step"] == record.step and set(last["metrics"]) == {"digits_fd", "digits_acc"}
 
