@@ -66,13 +66,16 @@ def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None
 
 
 RUN_MARK = "launcher: the next config's run starts"
+FAULTS_MARK = "+MDT_FAULTS="
 
 
-def train_each_command(configs: List[Path], port: int) -> List[str]:
+def train_each_command(configs: List[Path], port: int, faults: Optional[List[str]] = None) -> List[str]:
     """A 2-rank launch whose ranks run the Trainer of each config in turn (`python -m launcher`,
-    below): start-up, not training, is most of a tiny run's time. Split its output with `runs_in`."""
+    below): start-up, not training, is most of a tiny run's time. `faults`: an MDT_FAULTS value per
+    config, armed for its run only. Split the launch's output with `runs_in`."""
+    runs = [f"{c}{FAULTS_MARK}{f}" if f else str(c) for c, f in zip(configs, faults or [""] * len(configs))]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-            "--module", "launcher", *map(str, configs)]
+            "--module", "launcher", *runs]
 
 
 def runs_in(output: str) -> List[str]:
@@ -80,19 +83,29 @@ def runs_in(output: str) -> List[str]:
     return output.split(RUN_MARK + "\n")[1:]
 
 
-def _train_each(configs: List[str]) -> int:
+def _train_each(runs: List[str]) -> int:
     """On a rank: what mdt-train does for each config, with one process group for them all."""
+    from deepspeed import DeepSpeedEngine
+
     from trainer.config import load_config
     from trainer.distributed import init_distributed, shutdown
+    from trainer.training import task
     from trainer.training.data import end_data_workers
+    from trainer.training.faults import arm_faults
     from trainer.training.trainer import Trainer
 
     info = init_distributed()
+    unarmed = task.TrainingModule.forward, DeepSpeedEngine.save_checkpoint  # what faults patch
     try:
-        for path in configs:
+        for path_and_faults in runs:
+            path, _, faults = path_and_faults.partition(FAULTS_MARK)
             if info.rank == 0:
                 print(RUN_MARK, flush=True)
-            Trainer(load_config(path), info).train()
+            arm_faults(info.rank, faults)
+            try:
+                Trainer(load_config(path), info).train()
+            finally:
+                task.TrainingModule.forward, DeepSpeedEngine.save_checkpoint = unarmed
             end_data_workers()
     finally:
         shutdown()

@@ -19,7 +19,17 @@ from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE, CheckpointRecord, 
 from trainer.training.checkpointer import checkpoint_before
 from trainer.training.stop import RunStopped
 
-from launcher import STEP_LINE, deepspeed_command, free_port, losses, run, tiny_config, write_config
+from launcher import (
+    STEP_LINE,
+    deepspeed_command,
+    free_port,
+    losses,
+    run,
+    runs_in,
+    tiny_config,
+    train_each_command,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -51,22 +61,22 @@ def test_a_streak_rolls_back_skips_its_data_and_finishes(digits8, tmp_path):
     run B's in 15, 18 and 20. Each drew 6 batches for step 8. From step 5 on both must train exactly
     alike: the gradients accumulated beside a NaN are gone, both skip the same data and lower the
     learning rate alike."""
-    runs = {}
-    for name, faults, max_bad in (("a", "nan:calls=16,17,19:rank=1", 3), ("b", "nan:calls=15,18,20:rank=1", 3)):
-        cfg = write_config(_config(digits8, str(tmp_path / name), max_nonfinite=max_bad), tmp_path / f"{name}.yaml")
-        proc = run(deepspeed_command(cfg, free_port()), tmp_path, extra_env={"MDT_FAULTS": faults})
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[name] = proc
-    a, b = runs["a"], runs["b"]
+    configs = [write_config(_config(digits8, str(tmp_path / name), max_nonfinite=3), tmp_path / f"{name}.yaml")
+               for name in ("a", "b")]
+    # both runs in one launch, one after the other, each with its own faults
+    proc = run(train_each_command(configs, free_port(), ["nan:calls=16,17,19:rank=1", "nan:calls=15,18,20:rank=1"]),
+               tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = runs_in(proc.stdout)
     root = tmp_path / "a" / "t" / "checkpoints"
     assert (f"rollback 1 of 2: 3 updates in a row with non-finite gradients in step 8; reloaded "
             f"{root / 'step00000005'} (step 5); the data of steps 6-8 are skipped; lr x0.5 through step 9") \
-        in a.stdout, a.stdout[-3000:]
-    assert "rollback 1 of 2: 3 updates in a row with non-finite gradients in step 8" in b.stdout
-    assert a.stdout.count("rollback 1 of 2") == 1 and "rollback 2" not in a.stdout
+        in a, a[-3000:]
+    assert "rollback 1 of 2: 3 updates in a row with non-finite gradients in step 8" in b
+    assert a.count("rollback 1 of 2") == 1 and "rollback 2" not in a
     # steps 1-7 trained once, then 6-16 again from the checkpoint of step 5
-    assert _logged_steps(a.stdout) == list(range(1, 8)) + list(range(6, 17))
-    after_a, after_b = losses(a.stdout), losses(b.stdout)  # the later line of a step wins
+    assert _logged_steps(a) == list(range(1, 8)) + list(range(6, 17))
+    after_a, after_b = losses(a), losses(b)  # the later line of a step wins
     for step in range(6, 17):
         assert after_a[step] == pytest.approx(after_b[step], rel=1e-6, abs=1e-8), (step, after_a[step], after_b[step])
         assert math.isfinite(after_a[step])
