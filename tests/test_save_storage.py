@@ -125,10 +125,15 @@ def test_a_run_whose_disk_fills_during_a_save_exits_3_and_resumes(digits8, tmp_p
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-4000:]
     root = tmp_path / "runs" / "t" / "checkpoints"
-    for rank in (0, 1):
-        line = [x for x in proc.stderr.splitlines() if x.startswith(f"mdt-train: rank {rank} stopped: ")]
-        assert len(line) == 1 and (f"saving checkpoint {root / make_tag(20)} failed: the disk of {root} is full: "
-                                   in line[0]) and "No space left on device" in line[0], out[-3000:]
+    # Both ranks fail the save; the first to exit makes the launcher end the other, which may go
+    # before printing its own line (seen under load), so: at least one rank says why, in one line,
+    # and each line printed says the same.
+    lines = [x for x in proc.stderr.splitlines() if x.startswith(("mdt-train: rank 0 stopped: ",
+                                                                    "mdt-train: rank 1 stopped: "))]
+    assert 1 <= len(lines) <= 2 and len({x[:18] for x in lines}) == len(lines), out[-3000:]
+    for line in lines:
+        assert (f"saving checkpoint {root / make_tag(20)} failed: the disk of {root} is full: " in line
+                and "No space left on device" in line), out[-3000:]
     assert (root / LATEST).read_text() == make_tag(10) and not (root / make_tag(20)).exists()
     again = run(deepspeed_command(config, free_port(), ["--set", "run.total_steps=12"]), tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
