@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,15 @@ def tiny_config(shards: str, out_dir: str, **sections) -> Dict:
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+def seed_resume(src_run: Path, dest_run: Path, tag: str) -> None:
+    """Copy checkpoint `tag` of the run in `src_run` into a fresh run directory `dest_run` and mark
+    it the latest, so a run there resumes from it."""
+    ckpts = dest_run / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(src_run / "checkpoints" / tag, ckpts / tag)
+    (ckpts / "latest").write_text(tag)
 
 
 def write_config(cfg: Dict, path: Path) -> Path:

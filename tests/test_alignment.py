@@ -5,7 +5,6 @@ leaves training (EMA, exports, sampling), and a 2-rank ZeRO-2 run with it trains
 import json
 import math
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -13,14 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from model_zoo.registry import build_model
-from trainer.checkpoints import COMPLETE, LATEST, export_weights
+from trainer.checkpoints import COMPLETE, export_weights
 from trainer.config import ConfigError, config_from_dict, validate
 from trainer.diffusion import LossWeighting, alignment_loss, make_denoiser, maskdit_loss
 from trainer.diffusion.objective import Alignment
 from trainer.sample.generate import sample_checkpoint
 from trainer.training.task import AlignHead, TrainingModule, tokens_from_grid
 
-from launcher import deepspeed_command, free_port, losses, run, tiny_config, write_config
+from launcher import deepspeed_command, free_port, losses, run, seed_resume, tiny_config, write_config
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=10,
             decoder_depth=1, decoder_hidden_size=16, decoder_num_heads=2, skip=True)
@@ -162,10 +161,7 @@ def test_two_ranks_at_zero2_train_and_resume_with_alignment_and_export_no_head(f
     assert sorted(align) == list(range(1, 13)) and all(-1 <= v <= 1 and math.isfinite(v) for v in align.values())
     assert np.mean([align[s] for s in range(9, 13)]) < np.mean([align[s] for s in range(1, 5)]) - 0.05, align
 
-    ckpts = tmp_path / "resumed" / "t" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "t" / "checkpoints" / "step00000006", ckpts / "step00000006")
-    (ckpts / LATEST).write_text("step00000006")
+    seed_resume(tmp_path / "full" / "t", tmp_path / "resumed" / "t", "step00000006")
     again_cfg = write_config(tiny_config(features8, str(tmp_path / "resumed"), **common), tmp_path / "again.yaml")
     again = run(deepspeed_command(again_cfg, free_port()), tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from safetensors.torch import load_file
 
-from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE, export_weights
+from trainer.checkpoints import COMPLETE, STATE_FILE, export_weights
 from trainer.sample.generate import sample_checkpoint
 
-from launcher import deepspeed_command, free_port, losses, run, tiny_config, write_config
+from launcher import deepspeed_command, free_port, losses, run, seed_resume, tiny_config, write_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,10 +39,8 @@ def test_bf16_trains_resumes_exactly_exports_and_samples(stage, digits8, tmp_pat
     assert late < 0.85 * early, (early, late)
 
     # the same run resumed from its step-10 checkpoint continues it exactly
+    seed_resume(tmp_path / "full" / "t", tmp_path / "resumed" / "t", "step00000010")
     ckpts = tmp_path / "resumed" / "t" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "t" / "checkpoints" / "step00000010", ckpts / "step00000010")
-    (ckpts / LATEST).write_text("step00000010")
     again_cfg = write_config(tiny_config(digits8, str(tmp_path / "resumed"), **common), tmp_path / "again.yaml")
     again = run(deepspeed_command(again_cfg, free_port()), tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

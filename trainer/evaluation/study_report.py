@@ -109,13 +109,15 @@ def plot(summary: Mapping[str, Any], path: str) -> str:
     axes = fig.subplots(1, 2)
     for ax, axis, label in ((axes[0], "train_flops", "training FLOPs"), (axes[1], "train_seconds",
                                                                            "training wall time (s)")):
-        for v in summary["variants"]:
+        for i, v in enumerate(summary["variants"]):
             curve = v["curve"]
             if not curve:
                 continue
             x = [p[axis] for p in curve]
             y = [p["quality"] for p in curve]
-            (line,) = ax.plot(x, y, marker="o", markersize=3, label=v["name"])
+            # the colour cycle has 10 colours: the next ten variants repeat them dashed, and so on
+            style = ("-", "--", ":", "-.")[(i // 10) % 4]
+            (line,) = ax.plot(x, y, marker="o", markersize=3, linestyle=style, label=v["name"])
             sd = [p["quality_sd"] or 0.0 for p in curve]
             ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
