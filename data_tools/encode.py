@@ -186,6 +186,13 @@ def recover_part(out: str, prefix: str, part: int, fingerprint: str, lo: int) ->
     return records
 
 
+def image_tensor(source: Source, index: int, resolution: int) -> tuple[torch.Tensor, int, str]:
+    """Source image ``index`` as the encoders see it: uint8 [3, R, R] (centre crop and resize), its
+    label and name."""
+    image, label, name = source.load(index)
+    return torch.from_numpy(center_crop_resize(image, resolution)).permute(2, 0, 1), label, name
+
+
 class _ImageSlice(Dataset):
     """Loads and preprocesses source images by index (runs in DataLoader workers)."""
 
@@ -198,9 +205,8 @@ class _ImageSlice(Dataset):
     def __getitem__(self, i: int):
         index = self.indices[i]
         try:
-            image, label, name = self.source.load(index)
-            array = center_crop_resize(image, self.resolution)
-            return torch.from_numpy(array).permute(2, 0, 1), label, index, name, ""
+            image, label, name = image_tensor(self.source, index, self.resolution)
+            return image, label, index, name, ""
         except Exception as exc:  # any decoder error: reported (or skipped) by the main process
             blank = torch.zeros(3, self.resolution, self.resolution, dtype=torch.uint8)
             return blank, -1, index, str(index), f"{type(exc).__name__}: {exc}"
@@ -319,10 +325,8 @@ def _fit_and_save(settings: EncodeSettings, source: Source, teacher: Teacher, gr
     picks = sorted({i * len(source) // count for i in range(count)})
     batches = []
     for start in range(0, len(picks), settings.batch_size):
-        images = []
-        for index in picks[start:start + settings.batch_size]:
-            image, _, _ = source.load(index)
-            images.append(torch.from_numpy(center_crop_resize(image, settings.resolution)).permute(2, 0, 1))
+        chunk = picks[start:start + settings.batch_size]
+        images = [image_tensor(source, index, settings.resolution)[0] for index in chunk]
         batches.append(teacher.features(torch.stack(images), grid))
     projection = fit_projection(torch.cat(batches), settings.features_dim, _fitted_on(settings, source, teacher, grid))
     projection.save(path)

@@ -18,8 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .encode import image_tensor
 from .format import DataToolsError, write_json_atomic
-from .sources import center_crop_resize, open_source
+from .sources import open_source
 
 REPORT_NAME = "teacher.json"
 
@@ -27,12 +28,8 @@ REPORT_NAME = "teacher.json"
 def _images(spec: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [N, 3, R, R] and labels [N] of a source, as the encoder sees them."""
     source = open_source(spec)
-    images, labels = [], []
-    for index in range(len(source)):
-        image, label, _ = source.load(index)
-        images.append(torch.from_numpy(center_crop_resize(image, resolution)).permute(2, 0, 1))
-        labels.append(label)
-    return torch.stack(images), torch.tensor(labels)
+    loaded = [image_tensor(source, index, resolution) for index in range(len(source))]
+    return torch.stack([image for image, _, _ in loaded]), torch.tensor([label for _, label, _ in loaded])
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator, pixels: int = 1) -> torch.Tensor:

@@ -152,7 +152,9 @@ class _ShardStream(IterableDataset):
         self.spec, self.num_classes = man.spec, man.num_classes
         self.use_flip = opts.hflip and man.has_flip
         self.feature_spec = man.feature_spec if opts.features else None
-        self.fields = _READ_FIELDS | ({FEATURE_FIELD, FEATURE_FLIP_FIELD} if opts.features else set())
+        # only the fields this stream can use are kept from the tar (a flip's features only with flips)
+        wanted = {FEATURE_FIELD} | ({FEATURE_FLIP_FIELD} if self.use_flip else set()) if opts.features else set()
+        self.fields = _READ_FIELDS | wanted
         self.scale = float(opts.scaling_factor if opts.scaling_factor is not None else man.scaling_factor)
         self.skipped, self.warned, self.reported, self.base = 0, 0, 0, 0
 

@@ -78,6 +78,8 @@ class Trainer:
         self.ema.copy_from(self.engine.module.net)
         self.plan = cfg.phase_plan()
         self.flops = FlopsPerImage(cfg.model.name, kwargs)
+        head = self.engine.module.align_head
+        self.align_flops = head.flops_per_token() if head is not None else 0.0  # per kept token
         peak = cfg.monitor.peak_tflops * 1e12 if cfg.monitor.peak_tflops else \
             measure_peak_flops(device, PRECISIONS[cfg.deepspeed.precision])
         self.monitor = Monitor(cfg.monitor, cfg.run.run_dir(), rank, cfg.run.total_steps, device, peak)
@@ -335,9 +337,8 @@ class Trainer:
         the monitor's window)."""
         batch = self.cfg.data.batch_size
         flops = self.flops(phase.mask_ratio) * batch
-        head = self.engine.module.align_head
-        if head is not None:  # the alignment head trains on the kept tokens (its teacher costs nothing here)
-            flops += head.flops_per_token() * kept_token_count(self.num_tokens, phase.mask_ratio) * batch
+        if self.align_flops:  # the alignment head trains on the kept tokens (its teacher costs nothing here)
+            flops += self.align_flops * kept_token_count(self.num_tokens, phase.mask_ratio) * batch
         now = time.perf_counter()
         self.state.step += 1
         self.state.images_seen += batch
