@@ -70,6 +70,24 @@ class BlockStack(nn.Module):
             return x
         return self.fusions[i - first_deep](x, skips[self.depth - 1 - i])
 
+    def run_range(self, x: torch.Tensor, c: torch.Tensor, start: int, end: int,
+                  tap: Optional[List[torch.Tensor]] = None, tap_after: int = 0) -> torch.Tensor:
+        """Run blocks [start, end) on tokens x [B, K, D] (any token count K) with conditioning c.
+
+        Token-sparse networks split the stack where their token set changes. tap / tap_after=k as
+        in forward, for a k inside the range. Long skips would cross the split, so a stack built
+        with skip=True refuses.
+        """
+        if self.skip:
+            raise ValueError("a block range cannot carry Skip-DiT long skips (skip=True)")
+        if not 0 <= start <= end <= self.depth:
+            raise ValueError(f"block range [{start}, {end}) is not inside [0, {self.depth})")
+        for i in range(start, end):
+            x = self._block(i, x, c)
+            if tap is not None and i == tap_after - 1:
+                tap.append(x)
+        return x
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, cache: Optional[SkipCache] = None,
                 reuse_cache: bool = False, tap: Optional[List[torch.Tensor]] = None,
                 tap_after: int = 0) -> torch.Tensor:

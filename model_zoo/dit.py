@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +27,12 @@ class DiT(nn.Module):
     y [B] (num_classes = no class) to a prediction of shape [B, out_channels, H, W]. What the
     prediction means (epsilon, x0, EDM's F) is the diffusion code's business, not the network's.
     """
+
+    can_mask: ClassVar[bool] = False
+    """Whether forward accepts mask_ratio > 0 (drops tokens in training); the registry and the
+    config validation ask it."""
+    family: ClassVar[str] = "dense"
+    """What the network does with tokens: 'dense', 'maskdit', 'sprint' or 'tread'."""
 
     def __init__(
         self,

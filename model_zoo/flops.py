@@ -52,7 +52,7 @@ def count_flops(
     """FLOPs (multiply-add = 2) of one forward, or forward + backward, of a registry network.
 
     The model is called as in training: random latents, noise levels and labels of the model's
-    shapes; mask_ratio applies to MaskDiT models only.
+    shapes; mask_ratio applies to the networks that drop tokens (class attribute can_mask).
     """
     device = device or next(model.parameters()).device
     x = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size, device=device)
@@ -97,12 +97,13 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="mdt-flops", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help=f"registry names, e.g. DiT-XL/2 (choices: {', '.join(MODELS)})")
     parser.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256px with an f8 VAE)")
-    parser.add_argument("--mask-ratio", type=float, default=0.5, help="applied to MaskDiT models")
+    parser.add_argument("--mask-ratio", type=float, default=0.5,
+                        help="applied to the models that drop tokens (MaskDiT, SPRINT, TREAD)")
     args = parser.parse_args(argv)
     print(f"{'model':<16}{'params (M)':>12}{'fwd GFLOPs':>12}{'fwd+bwd GFLOPs':>16}")
     for name in args.models:
         try:
-            ratio = args.mask_ratio if name.startswith("MaskDiT") else 0.0
+            ratio = args.mask_ratio if name in MODELS and MODELS[name].can_mask else 0.0
             with torch.device("meta"):
                 model = build_model(name, input_size=args.input_size)
             params = sum(p.numel() for p in model.parameters()) / 1e6

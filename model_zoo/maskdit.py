@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ class MaskDiT(DiT):
     MaskDiT's `decoder_layer`, needed to load its releases exactly; it adds 2 x hidden_size^2
     weights, negligible FLOPs).
     """
+
+    can_mask: ClassVar[bool] = True
+    family: ClassVar[str] = "maskdit"
 
     def __init__(
         self,

@@ -1,7 +1,9 @@
 """Model registry: a plain dict from names such as "MaskDiT-XL/2" to a spec that builds the network.
 
 The names double as CLI / config choices. Sizes follow the DiT paper (S, B, L, XL) plus H
-(ViT-H widths); patch sizes 2, 4, 8.
+(ViT-H widths); patch sizes 2, 4, 8. Families: DiT (dense), MaskDiT, and the token-sparse DiTs
+SPRINT and TREAD, named METHOD-SIZE/PATCH like MaskDiT with the method as its paper spells it (the
+backbone is DiT's in all of them; SPRINT's release is SiT-based, TREAD's DiT-based).
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Set
 
 from torch import nn
 
 from .dit import DiT
 from .maskdit import MaskDiT
+from .sprint import SprintDiT
+from .tread import TreadDiT
 
 SIZES: Dict[str, Dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -48,14 +52,27 @@ class ModelSpec:
 
     @property
     def can_mask(self) -> bool:
-        """Whether the network drops tokens in training (mask_ratio > 0): MaskDiT and its subclasses."""
-        return issubclass(self.cls, MaskDiT)
+        """Whether the network drops tokens in training (mask_ratio > 0): the class's `can_mask`
+        (MaskDiT, SPRINT, TREAD)."""
+        return bool(getattr(self.cls, "can_mask", False))
+
+    @property
+    def family(self) -> str:
+        """What the network does with tokens: 'dense', 'maskdit', 'sprint' or 'tread'."""
+        return str(getattr(self.cls, "family", "dense"))
+
+    def options(self) -> Set[str]:
+        """Constructor keywords the network accepts: those of its class and of every DiT class it
+        derives from (each family adds its own)."""
+        valid: Set[str] = set()
+        for klass in inspect.getmro(self.cls) if isinstance(self.cls, type) else ():
+            if issubclass(klass, DiT):
+                valid |= set(inspect.signature(klass.__init__).parameters) - {"self", "args", "kwargs"}
+        return valid
 
     def build(self, **overrides: Any) -> nn.Module:
         """Construct the network; overrides replace defaults, unknown keys are named in the error."""
-        valid = set(inspect.signature(DiT.__init__).parameters) - {"self"}
-        if self.can_mask:
-            valid |= set(inspect.signature(MaskDiT.__init__).parameters) - {"self", "args", "kwargs"}
+        valid = self.options()
         unknown = sorted(set(overrides) - valid)
         if unknown:
             raise ValueError(f"unknown option {unknown[0]!r} for model {self.name}; valid: {sorted(valid)}")
@@ -70,6 +87,10 @@ def _make_registry() -> Dict[str, ModelSpec]:
             registry[f"MaskDiT-{size}/{patch}"] = ModelSpec(
                 f"MaskDiT-{size}/{patch}", MaskDiT, {**dims, **DECODERS[size], "patch_size": patch}
             )
+            # layouts (dense_in / dense_out, route_start / route_end) default from the depth
+            for family, cls in (("SPRINT", SprintDiT), ("TREAD", TreadDiT)):
+                name = f"{family}-{size}/{patch}"
+                registry[name] = ModelSpec(name, cls, {**dims, "patch_size": patch})
     return registry
 
 

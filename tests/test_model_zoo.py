@@ -9,10 +9,12 @@ from model_zoo.registry import MODELS, build_model
 
 TINY = dict(input_size=16, in_channels=4, num_classes=10, hidden_size=32, depth=2, num_heads=2)
 TINY_DECODER = dict(decoder_depth=1, decoder_hidden_size=16, decoder_num_heads=2)
+# layouts that fit TINY's 2 blocks: one sparse block each (tests/test_sparse_models.py goes deeper)
+TINY_SPARSE = {"SPRINT": dict(dense_in=1, dense_out=0), "TREAD": dict(route_start=1, route_end=2)}
 
 
 def tiny(name: str, **kw) -> torch.nn.Module:
-    extra = TINY_DECODER if name.startswith("MaskDiT") else {}
+    extra = TINY_DECODER if name.startswith("MaskDiT") else TINY_SPARSE.get(name.split("-")[0], {})
     return build_model(name, **{**TINY, **extra, **kw})
 
 
@@ -39,6 +41,9 @@ def test_every_registry_entry_has_the_right_shapes(name):
         masked = model(x, t, y, mask_ratio=0.5)
         assert masked.sample.shape == (3, 8, 16, 16)
         assert masked.mask.shape == (3, model.num_tokens)
+    elif MODELS[name].can_mask:  # token-sparse: the loss covers every token, so no mask
+        masked = model(x, t, y, mask_ratio=0.5)
+        assert masked.sample.shape == (3, 8, 16, 16) and masked.mask is None
 
 
 def test_fresh_model_predicts_zero():

@@ -104,7 +104,9 @@ def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: t
     x = x0 + column(s, x0).to(x0.dtype) * noise
     out = denoiser.raw(x, s, y, mask_ratio=mask_ratio, hidden_at=align.block if align is not None else 0)
     f, mask = out.sample, out.mask
-    if mask is None and mask_ratio > 0:
+    # A token-sparse network (SPRINT, TREAD: can_mask without a mask) predicts every token from
+    # every token, so its loss covers all of them; any other maskless network cannot mask.
+    if mask is None and mask_ratio > 0 and not getattr(denoiser.net, "can_mask", False):
         raise ValueError(f"mask_ratio={mask_ratio} but the network returned no mask (a DiT cannot mask tokens)")
     target = precond.target(x0, noise, s)
     token_loss = per_token_mse(f, target, p) * weighting.output_weight(s, precond)[:, None]
