@@ -26,15 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_tools.format import (  # noqa: E402
-    MANIFEST_NAME,
-    TAR_WRITER_OPTIONS,
-    Manifest,
-    ShardInfo,
-    encode_sample,
-    make_key,
-    sha256_file,
-)
+from data_tools.format import MANIFEST_NAME, TAR_WRITER_OPTIONS, encode_sample, make_key  # noqa: E402
+from data_tools.manifest import Manifest, ShardInfo, sha256_file  # noqa: E402
 from trainer.training.data import build_latent_loader  # noqa: E402
 
 
@@ -75,8 +68,9 @@ def _wds(urls: list[str], batch: int, workers: int, decode: bool):
 def _count(loader, kind: str) -> int:
     n = 0
     for batch in loader:
-        # wds bare batches are lists of (bytes, bytes); the others are (latents, labels).
-        n += len(batch) if kind == "bare" else len(batch[1])
+        # wds bare batches are lists of (bytes, bytes), ours are Batch objects (len: samples), the
+        # decoded wds ones are (latents, labels).
+        n += len(batch) if kind in ("bare", "ours") else len(batch[1])
     return n
 
 

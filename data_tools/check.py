@@ -16,12 +16,9 @@ from .format import (
     LATENT_FIELD,
     DataToolsError,
     FastArrayDecoder,
-    Manifest,
-    ShardInfo,
-    find_manifest,
-    iter_tar_samples,
-    sha256_file,
 )
+from .manifest import Manifest, ShardInfo, find_manifest, sha256_file
+from .tar_reader import iter_tar_samples
 
 
 def summarize(manifest: Manifest, where: str) -> list[str]:

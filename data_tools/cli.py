@@ -13,7 +13,8 @@ from dataclasses import fields
 
 from .check import inspect_dataset, verify_dataset
 from .encode import EncodeSettings, encode_part, finalize, run_local_pool
-from .format import DataToolsError, Manifest, find_manifest
+from .format import DataToolsError
+from .manifest import Manifest, find_manifest
 from .vae import DEFAULT_VAE, ENCODERS
 
 

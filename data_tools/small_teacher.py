@@ -18,9 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .encode import image_tensor
-from .format import DataToolsError, write_json_atomic
-from .sources import open_source
+from .atomic import write_json_atomic
+from .format import DataToolsError
+from .sources import image_tensor, open_source
 
 REPORT_NAME = "teacher.json"
 
@@ -51,7 +51,7 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
-def train_teacher(out: str, source: str = "digits:train", resolution: int = 16, patch: int = 2,
+def train_teacher(out: str, source: str = "digits:train", resolution: int = 16, patch: int = 2, *,
                   width: int = 64, depth: int = 4, heads: int = 4, steps: int = 600, batch_size: int = 128,
                   lr: float = 1e-3, seed: int = 0, heldout: str | None = "digits:heldout",
                   progress: bool = True) -> dict:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import braceexpand
 import numpy as np
+import torch
 from PIL import Image
 
 from .format import DataToolsError, split_member_name
@@ -58,6 +59,13 @@ def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
     top = (array.shape[0] - resolution) // 2
     left = (array.shape[1] - resolution) // 2
     return np.array(array[top:top + resolution, left:left + resolution])  # writable copy
+
+
+def image_tensor(source: Source, index: int, resolution: int) -> tuple[torch.Tensor, int, str]:
+    """Source image ``index`` as the encoders see it: uint8 [3, R, R] (centre crop and resize), its
+    label and name."""
+    image, label, name = source.load(index)
+    return torch.from_numpy(center_crop_resize(image, resolution)).permute(2, 0, 1), label, name
 
 
 def _hash_names(names: list[str]) -> str:

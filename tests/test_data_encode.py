@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from data_tools.cli import main
-from data_tools.encode import JOURNAL_DIR, EncodeSettings, encode_part
-from data_tools.format import MANIFEST_NAME, FastArrayDecoder, Manifest, iter_tar_samples, sha256_file
+from data_tools.encode import EncodeSettings, encode_part
+from data_tools.encode_journal import JOURNAL_DIR
+from data_tools.format import MANIFEST_NAME, FastArrayDecoder
+from data_tools.manifest import Manifest, sha256_file
 from data_tools.sources import center_crop_resize, open_source
+from data_tools.tar_reader import iter_tar_samples
 from data_tools.testing import make_image_folder, make_image_tars, make_tiny_vae
 from trainer.training.data import build_latent_loader
 
@@ -72,7 +75,8 @@ def test_digits_round_trip_through_tiny_vae(tmp_path, tiny_vae):
     # The stream gives scale * mean when posterior sampling and flips are off.
     loader = build_latent_loader(str(out), 8, num_workers=0, resampled=False, hflip=False,
                                  sample_posterior=False, shuffle_buffer=0, return_keys=True)
-    for z, y, keys in loader:
+    for batch in loader:
+        z, y, keys = batch.latents, batch.labels, batch.keys
         assert z.shape == (len(keys), 4, 8, 8) and z.dtype == torch.float32 and y.dtype == torch.long
         for j, key in enumerate(keys):
             want = stored[key][0][0].astype(np.float32) * man.scaling_factor
@@ -94,7 +98,8 @@ def test_image_folder_round_trip_with_workers(tmp_path, tiny_vae):
     assert len(batches) == len(loader) == 3 and loader.skipped == 0
     _, stored = _latents(out)
     scale = np.float32(man.scaling_factor)
-    for z, y, keys, draws in batches:
+    for batch in batches:
+        z, y, keys, draws = batch.latents, batch.labels, batch.keys, batch.draws
         assert z.shape == draws.eps.shape == (4, 4, 8, 8) and z.dtype == torch.float32
         for j, key in enumerate(keys):
             latent, flipped, label = stored[key]

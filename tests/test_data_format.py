@@ -15,17 +15,15 @@ from data_tools.format import (
     DataToolsError,
     FastArrayDecoder,
     LatentSpec,
-    Manifest,
-    ShardInfo,
     decode_array,
     encode_array,
     encode_sample,
-    iter_tar_files,
-    iter_tar_samples,
     make_key,
     split_member_name,
 )
+from data_tools.manifest import Manifest, ShardInfo
 from data_tools.sources import center_crop_resize
+from data_tools.tar_reader import iter_tar_files, iter_tar_samples
 
 
 def test_keys_are_dot_free_and_split_like_webdataset():

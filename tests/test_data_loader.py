@@ -12,15 +12,8 @@ import pytest
 import torch
 
 from data_tools.encode import EncodeSettings, encode_part
-from data_tools.format import (
-    MANIFEST_NAME,
-    DataToolsError,
-    Manifest,
-    ShardInfo,
-    encode_array,
-    encode_sample,
-    sha256_file,
-)
+from data_tools.format import MANIFEST_NAME, DataToolsError, encode_array, encode_sample
+from data_tools.manifest import Manifest, ShardInfo, sha256_file
 from trainer.training.data import build_latent_loader
 
 N = 200  # digits encoded as 3x8x8 pixels into 14 shards of 15 (the last holds 5)
@@ -36,7 +29,8 @@ def dataset(tmp_path_factory):
 
 def _keys(loader):
     keys, sizes = [], []
-    for z, y, k in loader:
+    for batch in loader:
+        z, y, k = batch.latents, batch.labels, batch.keys
         assert z.shape[1:] == (3, 8, 8) and len(y) == len(k) == z.shape[0]
         keys += k
         sizes.append(len(k))
@@ -62,7 +56,7 @@ def test_resampled_ranks_take_equal_full_steps_despite_uneven_shards(dataset):
         loader = build_latent_loader(dataset, 16, rank, 2, num_workers=2, seed=1)
         batches = list(loader)
         assert len(batches) == len(loader) == N // (2 * 16)
-        assert all(z.shape == (16, 3, 8, 8) for z, _ in batches)
+        assert all(b.latents.shape == (16, 3, 8, 8) for b in batches)
         lengths.append(len(batches))
         assert loader.state_dict()["epoch"] == 1 and loader.samples_seen == len(batches) * 16
     assert lengths[0] == lengths[1]
@@ -71,7 +65,7 @@ def test_resampled_ranks_take_equal_full_steps_despite_uneven_shards(dataset):
 
 
 def _epoch(loader):
-    return [(z.clone(), y.clone(), tuple(k)) for z, y, k in loader]
+    return [(b.latents.clone(), b.labels.clone(), tuple(b.keys)) for b in loader]
 
 
 def _same(a, b):
@@ -125,7 +119,7 @@ def test_truncated_shard_is_skipped_counted_and_batches_keep_shape(dataset, tmp_
     loader = build_latent_loader(str(root), 16, 1, 2, num_workers=2, epoch_samples=600)
     stream = loader.batches()
     batches = [next(stream) for _ in range(2 * len(loader))]
-    assert all(z.shape == (16, 3, 8, 8) for z, _ in batches) and loader.skipped >= 1
+    assert all(b.latents.shape == (16, 3, 8, 8) for b in batches) and loader.skipped >= 1
 
 
 def _member(tar, name, data):
@@ -161,14 +155,14 @@ def test_bad_samples_are_skipped_with_a_warning_naming_shard_and_key(tmp_path, c
                                  sample_posterior=False, drop_last=True, return_keys=True)
     with caplog.at_level(logging.WARNING, logger="trainer.training.data"):
         batches = list(loader)
-    assert loader.skipped == 5 and [len(k) for _, _, k in batches] == [3]
-    assert sorted(k for _, _, ks in batches for k in ks) == ["k0", "k6", "k7"]
+    assert loader.skipped == 5 and [len(b.keys) for b in batches] == [3]
+    assert sorted(k for b in batches for k in b.keys) == ["k0", "k6", "k7"]
     text = caplog.text
     for key, reason in (("k1", "shape"), ("k2", "missing field cls"), ("k3", "dtype"), ("k4", "cls '7'"),
                         ("k5", "unreadable npy")):
         line = next(line for line in text.splitlines() if f"skipped {key} in " in line)
         assert str(shard) in line and reason in line
-    z, _, keys = batches[0]
+    z, keys = batches[0].latents, batches[0].keys
     assert torch.equal(z[keys.index("k6")], torch.full((4, 2, 2), 3.0))  # (0 + 6) * scale 0.5
 
 
@@ -231,7 +225,8 @@ def posterior_dataset(tmp_path_factory):
 
 
 def _draw_epoch(loader):
-    return [(z.clone(), y.clone(), tuple(k), d.flip.clone(), d.eps.clone()) for z, y, k, d in loader]
+    return [(b.latents.clone(), b.labels.clone(), tuple(b.keys), b.draws.flip.clone(), b.draws.eps.clone())
+            for b in loader]
 
 
 def test_posterior_draws_and_flips_match_the_shards_and_repeat_after_resume(posterior_dataset):
@@ -274,7 +269,8 @@ def test_posterior_draws_and_flips_match_the_shards_and_repeat_after_resume(post
     # Without sampling or flips: no noise drawn, z = mean * scale from the unflipped latent.
     plain = build_latent_loader(root, 32, num_workers=0, resampled=False, hflip=False, sample_posterior=False,
                                 return_keys=True, return_draws=True)
-    for z, _, keys, draws in plain:
+    for batch in plain:
+        z, keys, draws = batch.latents, batch.keys, batch.draws
         assert draws.eps is None and not draws.flip.any()
         want = np.stack([stored[key][0][0] for key in keys]).astype(np.float32) * np.float32(SCALE)
         assert np.array_equal(z.numpy(), want)

@@ -11,7 +11,8 @@ import torch
 from data_tools.check import verify_dataset
 from data_tools.cli import main as data_main
 from data_tools.encode import EncodeSettings, encode_part
-from data_tools.format import MANIFEST_NAME, Manifest
+from data_tools.format import MANIFEST_NAME
+from data_tools.manifest import Manifest
 from data_tools.sources import center_crop_resize, open_source
 from data_tools.teacher import Projection, Teacher, fit_projection
 from data_tools.testing import make_tiny_teacher
@@ -58,7 +59,8 @@ def test_features_round_trip_with_their_flips(full_features, teacher_dir):
         by_key[i] = torch.from_numpy(center_crop_resize(image, 16)).permute(2, 0, 1)
     loader = _loader(out)
     flips_seen = set()
-    for z, y, feats, keys, draws in loader:
+    for batch in loader:
+        z, y, feats, keys, draws = batch.latents, batch.labels, batch.features, batch.keys, batch.draws
         assert feats.dtype == torch.float16 and feats.shape == (len(y), 16, 8, 8)
         for j, key in enumerate(keys):
             image = by_key[int(key[1:])]
@@ -78,7 +80,7 @@ def test_features_round_trip_with_their_flips(full_features, teacher_dir):
 
 def test_a_resumed_stream_gives_the_same_features(full_features):
     out, _ = full_features
-    whole = [(z, f, k) for z, _, f, k, _ in _loader(out)]
+    whole = [(b.latents, b.features, b.keys) for b in _loader(out)]
     first = _loader(out)
     it = iter(first)
     for _ in range(2):
@@ -86,7 +88,7 @@ def test_a_resumed_stream_gives_the_same_features(full_features):
     state = first.state_dict()
     resumed = _loader(out)
     resumed.load_state_dict(state)
-    rest = [(z, f, k) for z, _, f, k, _ in resumed]
+    rest = [(b.latents, b.features, b.keys) for b in resumed]
     assert len(rest) == len(whole) - 2
     for (z1, f1, k1), (z2, f2, k2) in zip(whole[2:], rest):
         assert k1 == k2 and torch.equal(z1, z2) and torch.equal(f1, f2)
@@ -101,8 +103,9 @@ def test_reduced_features_apply_the_recorded_pca(tmp_path, teacher_dir):
     rows = projection.components.double()
     assert torch.allclose(rows @ rows.T, torch.eye(4, dtype=torch.float64), atol=1e-5)
     teacher = Teacher(teacher_dir)
-    z, y, feats, keys = next(iter(build_latent_loader(str(tmp_path / "pca"), 8, num_workers=0, features=True,
-                                                       return_keys=True, shuffle_buffer=0)))
+    batch = next(iter(build_latent_loader(str(tmp_path / "pca"), 8, num_workers=0, features=True, return_keys=True,
+                                          shuffle_buffer=0)))
+    feats, keys = batch.features, batch.keys
     source = open_source("digits", 48)
     image = torch.from_numpy(center_crop_resize(source.load(int(keys[0][1:]))[0], 16)).permute(2, 0, 1)
     expect = projection.apply(teacher.features(image[None], 8))[0]
