@@ -4,7 +4,7 @@
 
 For each reference variant: the target is the reference's final mean quality (mean over its
 seeds); the variant's mean curve is interpolated linearly between evaluations (the study's own
-rule, trainer.evaluation.study_summary.first_reach); the table gives the images, training FLOPs
+rule, trainer.study.summary.first_reach); the table gives the images, training FLOPs
 and training seconds spent at that point and each as a fraction of the reference's budget.
 Issue #16 asks whether masked training with alignment reaches mask_final's final quality in <= 50%
 of its compute and the DiT baseline's in <= 30%.
@@ -19,7 +19,8 @@ import sys
 from typing import List
 
 from trainer.evaluation.history import read_metrics
-from trainer.evaluation.study_summary import direction, first_reach, mean_curve
+from trainer.evaluation.registry import direction
+from trainer.study.summary import first_reach, mean_curve
 
 
 def curve(root: str, variant: str, quality: str) -> List[dict]:

@@ -76,8 +76,8 @@ def test_a_run_evaluates_on_schedule_and_records_compute(eval_run):
     assert 0 < records[0]["train_seconds"] < records[1]["train_seconds"]
     # the record in the final checkpoint carries the same counters
     final = read_record(find_resume(str(run_dir / "checkpoints"), "auto"))
-    assert (final.step, final.train_flops, final.train_seconds) == (12, records[1]["train_flops"],
-                                                                     records[1]["train_seconds"])
+    assert (final.step, final.state.train_flops, final.state.train_seconds) == (12, records[1]["train_flops"],
+                                                                                 records[1]["train_seconds"])
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("eval/val_loss")] == [6, 12]
@@ -111,9 +111,9 @@ def test_fid_from_cached_reference_statistics_equals_recomputed(digits8, tmp_pat
     from test_evaluate import reference_state_dict
 
     from model_zoo.registry import build_model
+    from trainer.checkpoints import RunState
     from trainer.config import load_config
     from trainer.distributed import DistInfo
-    from trainer.training.checkpointer import RunState
     from trainer.training.data import build_latent_loader
     from trainer.training.ema import EMA
     from trainer.training.evaluator import build_evaluator
@@ -156,7 +156,7 @@ def test_a_time_budget_ends_the_run_with_its_final_evaluation(launched):
     tmp, stdout = launched["budget"]
     run_dir = tmp / "runs" / "t"
     record = read_record(find_resume(str(run_dir / "checkpoints"), "auto"))
-    assert 0 < record.step < 100000 and record.train_seconds >= 3
+    assert 0 < record.step < 100000 and record.state.train_seconds >= 3
     assert f"run.time_limit_s=3 reached after {record.step} steps" in stdout
     (last,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert last["final"] and last["step"] == record.step and set(last["metrics"]) == {"digits_fd", "digits_acc"}

@@ -15,7 +15,16 @@ import torch
 from safetensors.torch import save_file
 
 from model_zoo.registry import build_model
-from trainer.checkpoints import COMPLETE, EMA_FILE, LATEST, CheckpointRecord, export_weights, make_tag, write_record
+from trainer.checkpoints import (
+    COMPLETE,
+    EMA_FILE,
+    LATEST,
+    CheckpointRecord,
+    RunState,
+    export_weights,
+    make_tag,
+    write_record,
+)
 from trainer.cli import sample_main as main
 from trainer.config import config_from_dict
 from trainer.diffusion import training_losses
@@ -61,9 +70,9 @@ def make_checkpoint(root: Path, skip: bool = True, steps: int = 60, encoder=None
     dataset = {"latent_shape": [3, 8, 8], "num_classes": 10, "scaling_factor": 1.0,
                "encoder": encoder or {"kind": "pixels", "id": "pixels"}, "resolution": 8,
                "class_names": [str(i) for i in range(10)]}
-    write_record(str(ckpt), CheckpointRecord(step=steps, images_seen=32 * steps, world_size=1, model_name="MaskDiT-S/2",
-                                             model_kwargs=kwargs, config=cfg.to_dict(), dataset=dataset,
-                                             ema_updates=steps))
+    write_record(str(ckpt), CheckpointRecord(state=RunState(step=steps, images_seen=32 * steps), world_size=1,
+                                             model_name="MaskDiT-S/2", model_kwargs=kwargs, config=cfg.to_dict(),
+                                             dataset=dataset, ema_updates=steps))
     (ckpt / COMPLETE).write_text("")
     (root / "checkpoints" / LATEST).write_text(tag)
     return ckpt

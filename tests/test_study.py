@@ -17,16 +17,16 @@ import pytest
 import yaml
 
 from model_zoo.flops import model_flops
-from trainer.checkpoints import COMPLETE, LATEST, CheckpointRecord, make_tag, write_record
+from trainer.checkpoints import COMPLETE, LATEST, CheckpointRecord, RunState, make_tag, write_record
 from trainer.cli import study_main
 from trainer.config import PhasePlan, load_config
-from trainer.evaluation import study as study_mod
 from trainer.evaluation.history import parse_metrics
-from trainer.evaluation.study import FINISHED, NEW, RESUME, launch, run_status, run_study, train_all
-from trainer.evaluation.study_budget import dataset_manifest, flops_per_image, training_flops
-from trainer.evaluation.study_spec import StudyError, load_study, plan_runs
-from trainer.evaluation.study_summary import first_reach, mean_curve
-from trainer.training.trainer import FlopsPerImage as TrainerFlopsPerImage
+from trainer.study import runner as study_mod
+from trainer.study.budget import dataset_manifest, flops_per_image, training_flops
+from trainer.study.runner import FINISHED, NEW, RESUME, launch, run_status, run_study, train_all
+from trainer.study.spec import StudyError, load_study, plan_runs
+from trainer.study.summary import first_reach, mean_curve
+from trainer.training.trainer import TrainingFlops as TrainerFlopsPerImage
 
 from launcher import tiny_config
 
@@ -172,7 +172,8 @@ def test_flops_budget_is_the_fewest_steps_that_reach_it(tmp_path, phases):
     # the network counted is the trainer's, FLOPs per image as the trainer counts them
     count = flops_per_image(cfg, dataset_manifest(cfg))
     assert isinstance(count, TrainerFlopsPerImage)  # the very counter the trainer's train_flops come from
-    assert count.kwargs == {k: v for k, v in cfg.model_kwargs((3, 8, 8), 10).items() if k != "class_dropout_prob"}
+    assert count.network.kwargs == {k: v for k, v in cfg.model_kwargs((3, 8, 8), 10).items()
+                                    if k != "class_dropout_prob"}
     assert training_flops(cfg, steps, count) == pytest.approx(direct_flops(cfg, steps))
 
 
@@ -187,7 +188,7 @@ def fake_run(run, step: int, final: bool = True, **config) -> None:
     tree = run.config.to_dict()
     for section, values in config.items():
         tree[section].update(values)
-    write_record(str(ckpt), CheckpointRecord(step=step, images_seen=step * BATCH, world_size=2,
+    write_record(str(ckpt), CheckpointRecord(state=RunState(step=step, images_seen=step * BATCH), world_size=2,
                                              model_name="MaskDiT-S/2", model_kwargs={"skip": True}, config=tree))
     (ckpt / COMPLETE).write_text("")
     (ckpt.parent / LATEST).write_text(ckpt.name)
@@ -230,7 +231,7 @@ def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path, capsys):
         ckpt = Path(run.run_dir) / "checkpoints" / make_tag(run.steps)
         if not ckpt.exists():
             ckpt.mkdir()
-            write_record(str(ckpt), CheckpointRecord(step=run.steps, images_seen=480, world_size=2,
+            write_record(str(ckpt), CheckpointRecord(state=RunState(step=run.steps, images_seen=480), world_size=2,
                                                      model_name="MaskDiT-S/2", model_kwargs={},
                                                      config=run.config.to_dict()))
             (ckpt / COMPLETE).write_text("")
@@ -283,8 +284,8 @@ def test_a_run_that_ends_unfinished_or_fails_stops_the_study(tmp_path):
 
 
 def test_posthoc_judges_a_tiny_checkpoint_and_caches_it(tmp_path):
-    import trainer.evaluation.study_posthoc as posthoc_mod
-    from trainer.evaluation.study_posthoc import posthoc
+    import trainer.study.posthoc as posthoc_mod
+    from trainer.study.posthoc import posthoc
 
     from test_sample_cli import make_checkpoint
 
@@ -321,6 +322,15 @@ def test_metrics_records_resumed_steps_and_a_cut_last_line():
     assert [(r["step"], r["metrics"]["a"]) for r in parse_metrics(text)] == [(10, 1), (20, 3)]
     with pytest.raises(ValueError, match=r"^m.jsonl:1: not an evaluation record"):
         parse_metrics('{"step": 3\n' + json.dumps({"step": 4}), "m.jsonl")
+
+
+def test_a_runs_records_before_its_first_evaluation_and_a_bad_line(tmp_path):
+    from trainer.study.runner import run_records
+
+    assert run_records(str(tmp_path)) == []  # no metrics.jsonl yet: no records, not an error
+    (tmp_path / "metrics.jsonl").write_text("nonsense\n" + json.dumps({"step": 4, "metrics": {}}) + "\n")
+    with pytest.raises(StudyError, match=r"metrics.jsonl:1: not an evaluation record"):
+        run_records(str(tmp_path))
 
 
 def test_mean_curve_aligns_steps_and_final_evaluations():

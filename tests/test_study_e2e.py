@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from trainer.evaluation.history import read_metrics
-from trainer.evaluation.study import run_study
+from trainer.study.runner import run_study
 
 from launcher import ROOT, env, tiny_config
 

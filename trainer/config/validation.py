@@ -10,6 +10,7 @@ from model_zoo.registry import MODELS
 
 from ..diffusion import PRECONDITIONINGS, SAMPLERS, SIGMA_SAMPLERS, WEIGHTINGS
 from ..diffusion.noise import ZERO_SNR_SUFFIX
+from ..evaluation.registry import EVAL_GROUPS, METRIC_SPECS
 from .deepspeed_json import PRECISIONS
 from .phases import LR_SCHEDULES, MASK_SCHEDULES
 from .schema import NONFINITE_ACTIONS, ConfigError, TrainConfig
@@ -29,8 +30,11 @@ CHOICES: Dict[str, Collection[str]] = {
 from here; model.name is checked against model_zoo.registry.MODELS on its own: 30 names)."""
 
 
-EVAL_METRICS = ("val_loss", "digits", "fid")
-"""eval.metrics: what the run's evaluator (trainer.training.evaluator) measures."""
+EVAL_METRICS = EVAL_GROUPS
+"""eval.metrics: what the run's evaluator (trainer.training.evaluator) measures, by the metric
+registry's groups (trainer.evaluation.registry: read here without importing the runtime)."""
+IMAGE_GROUPS = {spec.group for spec in METRIC_SPECS.values() if spec.function is not None}
+"""The eval.metrics entries judged on generated images (Frechet distances need 2 of them)."""
 
 
 def _choices(names: Collection[str]) -> str:
@@ -132,7 +136,7 @@ def _validate_eval(cfg: TrainConfig) -> None:
     for key in ("num_images", "batch_size", "steps", "val_samples"):
         value = getattr(e, key)
         _check(value >= 1, f"eval.{key} must be >= 1, got {value}")
-    _check(e.num_images >= 2 or not ({"digits", "fid"} & set(e.metrics)),
+    _check(e.num_images >= 2 or not (IMAGE_GROUPS & set(e.metrics)),
            f"eval.num_images must be >= 2 for Frechet distances, got {e.num_images}")
     _check(e.skip_cache is None or (e.skip_cache >= 1 and cfg.model.skip),
            "eval.skip_cache needs model.skip: true and an interval >= 1")

@@ -1,3 +1,5 @@
-"""Judging generated images: FID with the TensorFlow FID graph's Inception (`fid`), the Frechet
-distance (`frechet`), image sets (`images`), the digits demo's judge (`digits`) and the metric
-registry behind `mdt-eval` (`metrics`). Imports nothing of the training run."""
+"""The metric library: the metric registry (`registry`: every metric's name, group, direction and
+print format), FID with the TensorFlow FID graph's Inception (`fid`), the Frechet distance
+(`frechet`), image sets (`images`), the digits demo's judge (`digits`), `mdt-eval`'s computation
+(`metrics`) and a run's metrics.jsonl (`history`). Below the training run (its evaluator imports
+this package) and below the study (`trainer.study`); imports nothing of either."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple, Union
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -69,13 +69,13 @@ def train_classifier(steps: int = 300, batch_size: int = 128, seed: int = 0, wid
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: more threads only add contention (and change the result)
     try:
-        _train_steps(net, opt, sched, x, y, shifts, gen, steps, batch_size)
+        _train_steps(net, opt, sched, x=x, y=y, shifts=shifts, gen=gen, steps=steps, batch_size=batch_size)
     finally:
         torch.set_num_threads(threads)
     return net.eval().requires_grad_(False)
 
 
-def _train_steps(net, opt, sched, x, y, shifts, gen, steps: int, batch_size: int) -> None:
+def _train_steps(net, opt, sched, *, x, y, shifts, gen, steps: int, batch_size: int) -> None:
     for _ in range(steps):
         pick = torch.randint(0, len(x), (batch_size,), generator=gen)
         shift = torch.randint(0, shifts.shape[0], (batch_size,), generator=gen)
@@ -107,7 +107,7 @@ def save_classifier(net: DigitsClassifier, path: str) -> str:
     return path
 
 
-def load_classifier(path: Optional[str] = None) -> DigitsClassifier:
+def load_classifier(path: str | None = None) -> DigitsClassifier:
     """The cached classifier at `path` (default: default_path()), trained and saved first if absent
     or written by another version of this module."""
     path = os.path.abspath(path or default_path())
@@ -129,20 +129,20 @@ def load_classifier(path: Optional[str] = None) -> DigitsClassifier:
 
 
 @torch.no_grad()
-def features(images: np.ndarray, classifier: Optional[DigitsClassifier] = None) -> np.ndarray:
+def features(images: np.ndarray, classifier: DigitsClassifier | None = None) -> np.ndarray:
     """Penultimate features [N, 128] (float64) of uint8 images [N, H, W, 3]."""
     net = classifier or load_classifier()
     return net.features(canonical(images)).double().numpy()
 
 
 @torch.no_grad()
-def predict(images: np.ndarray, classifier: Optional[DigitsClassifier] = None) -> np.ndarray:
+def predict(images: np.ndarray, classifier: DigitsClassifier | None = None) -> np.ndarray:
     """Predicted digit per image [N]."""
     net = classifier or load_classifier()
     return net(canonical(images)).argmax(dim=1).numpy()
 
 
-def accuracy(images: np.ndarray, labels: np.ndarray, classifier: Optional[DigitsClassifier] = None) -> float:
+def accuracy(images: np.ndarray, labels: np.ndarray, classifier: DigitsClassifier | None = None) -> float:
     """Share of images classified as their label."""
     labels = np.asarray(labels).reshape(-1)
     if len(labels) != len(images):
@@ -150,22 +150,22 @@ def accuracy(images: np.ndarray, labels: np.ndarray, classifier: Optional[Digits
     return float((predict(images, classifier) == labels).mean())
 
 
-def classifier_from(classifier: Union[DigitsClassifier, str, None]) -> DigitsClassifier:
+def classifier_from(classifier: DigitsClassifier | str | None) -> DigitsClassifier:
     """A classifier given as itself, as a cache file path, or None (the default cache)."""
     if classifier is None or isinstance(classifier, str):
         return load_classifier(classifier)
     return classifier
 
 
-def digits_accuracy(images: np.ndarray, labels: np.ndarray, classifier: Union[DigitsClassifier, str, None] = None
+def digits_accuracy(images: np.ndarray, labels: np.ndarray, classifier: DigitsClassifier | str | None = None
                     ) -> float:
     """Share of uint8 digit images [N, H, W, 3] that the held-out-trained classifier assigns to
     their conditioning label [N]. classifier: a DigitsClassifier, a cache path, or None (default)."""
     return accuracy(images, labels, classifier_from(classifier))
 
 
-def digits_fd(images: np.ndarray, reference: Optional[np.ndarray] = None,
-              classifier: Union[DigitsClassifier, str, None] = None) -> float:
+def digits_fd(images: np.ndarray, reference: np.ndarray | None = None,
+              classifier: DigitsClassifier | str | None = None) -> float:
     """Frechet distance in the digit classifier's features between uint8 images [N, H, W, 3] and a
     reference set (default: the real `digits:train` split at the images' resolution)."""
     net = classifier_from(classifier)

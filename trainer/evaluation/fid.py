@@ -3,7 +3,7 @@ Frechet distance."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -16,9 +16,9 @@ from .frechet import feature_stats, frechet_distance
 
 
 @torch.no_grad()
-def inception_features(images: np.ndarray, model: Optional[nn.Module] = None, weights: Optional[str] = None,
+def inception_features(images: np.ndarray, model: nn.Module | None = None, weights: str | None = None,
                        batch_size: int = 50,
-                       device: Optional[torch.device] = None) -> np.ndarray:
+                       device: torch.device | None = None) -> np.ndarray:
     """2048-d pool features [N, 2048] (float64) of uint8 RGB images [N, H, W, 3]. `model` gets float32
     [N, 3, H, W] batches with values 0..255 (the FID network resizes and normalises them itself)."""
     device = device or accelerator_device()
@@ -31,8 +31,8 @@ def inception_features(images: np.ndarray, model: Optional[nn.Module] = None, we
     return np.concatenate(out)
 
 
-def fid(generated: np.ndarray, reference: np.ndarray | Tuple[np.ndarray, np.ndarray], weights: Optional[str] = None,
-        batch_size: int = 50, model: Optional[nn.Module] = None) -> float:
+def fid(generated: np.ndarray, reference: np.ndarray | Tuple[np.ndarray, np.ndarray], weights: str | None = None,
+        batch_size: int = 50, model: nn.Module | None = None) -> float:
     """FID between uint8 image sets (reference may be precomputed (mu, sigma))."""
     model = model if model is not None else load_fid_inception(weights, accelerator_device())
     device = next(model.parameters()).device

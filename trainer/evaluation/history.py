@@ -1,13 +1,14 @@
 """A run's in-loop evaluations (RUN_DIR/metrics.jsonl, written by the training run's evaluator):
-reading them, and the table `mdt-eval --history RUN_DIR` prints."""
+reading them (`mdt-eval --history`, the study), and the table `mdt-eval --history RUN_DIR` prints."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 from .errors import EvalError
+from .registry import table_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -28,11 +29,14 @@ def parse_metrics(text: str, where: str = "metrics.jsonl") -> List[Dict[str, Any
     return [by_step[s] for s in sorted(by_step)]
 
 
-def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
+def read_metrics(run_dir: str, *, missing_ok: bool = False) -> List[Dict[str, Any]]:
     """The evaluation records of a run (RUN_DIR or the .jsonl path), one per step, in step order;
-    EvalError when there are none or a line is not a record."""
+    EvalError when a line is not a record, and when there is no file unless missing_ok (then []: a
+    run before its first evaluation, as the study reads it)."""
     path = run_dir if run_dir.endswith(".jsonl") else os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
+        if missing_ok:
+            return []
         raise EvalError(f"{path} does not exist: the run has no in-loop evaluations (set eval.every)")
     with open(path) as f:
         try:
@@ -41,13 +45,11 @@ def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
             raise EvalError(str(err)) from None
 
 
-def _cell(name: str, value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1%}" if "acc" in name else f"{value:.4g}"
+def _cell(name: str, value: float | None) -> str:
+    return "-" if value is None else table_text(name, value)
 
 
-def history_table(records: Sequence[Dict[str, Any]], metrics: Optional[Sequence[str]] = None) -> str:
+def history_table(records: Sequence[Dict[str, Any]], metrics: Sequence[str] | None = None) -> str:
     """A markdown table: step, images, training minutes and accelerator hours, then each metric
     (default: every metric without a per-level '/', in the order first seen)."""
     if metrics is None:

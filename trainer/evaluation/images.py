@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 from PIL import Image
@@ -16,7 +16,7 @@ from .errors import EvalError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def load_images(path: str, resolution: Optional[int] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def load_images(path: str, resolution: int | None = None) -> Tuple[np.ndarray, np.ndarray | None]:
     """uint8 images [N, H, W, 3] and labels [N] (or None) from an .npz, an image directory, or
     `digits:SPLIT` (real digits at `resolution`, default 8)."""
     if path.startswith("digits:"):
@@ -60,7 +60,7 @@ def _load_dir(path: str) -> np.ndarray:
     return _check_images(np.stack(arrays), path)
 
 
-def load_reference_stats(path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def load_reference_stats(path: str) -> Tuple[np.ndarray, np.ndarray] | None:
     """Precomputed (mu, sigma) from an .npz with `mu` and `sigma` but no `arr_0`, else None."""
     if not (path.endswith(".npz") and os.path.isfile(path)):
         return None

@@ -23,7 +23,7 @@ import shutil
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ NPZ_NAME = "samples.npz"
 # ----------------------------------------------------------------------------- what to sample
 
 
-def parse_classes(spec: str, num_classes: int, class_names: Optional[Sequence[str]] = None) -> List[int]:
+def parse_classes(spec: str, num_classes: int, class_names: Sequence[str] | None = None) -> List[int]:
     """'all' or comma-separated class indices / names -> label list (names win only when not numbers)."""
     if spec.strip() == "all":
         return list(range(num_classes))
@@ -66,7 +66,7 @@ def parse_classes(spec: str, num_classes: int, class_names: Optional[Sequence[st
     return out
 
 
-def make_labels(classes: Sequence[int], per_class: Optional[int] = None, num: Optional[int] = None) -> np.ndarray:
+def make_labels(classes: Sequence[int], per_class: int | None = None, num: int | None = None) -> np.ndarray:
     """Labels of all images: grouped by class (per_class) or cycling through the classes (num)."""
     if (per_class is None) == (num is None):
         raise SampleError("give exactly one of --per-class and --num-images")
@@ -94,7 +94,7 @@ def image_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(_seed63(seed, index)))
 
 
-def parse_pair(text: Optional[str], option: str) -> Optional[Tuple[float, float]]:
+def parse_pair(text: str | None, option: str) -> Tuple[float, float] | None:
     """"LO,HI" as two floats (None stays None); SampleError naming `option` otherwise."""
     if text is None:
         return None
@@ -108,20 +108,20 @@ def parse_pair(text: Optional[str], option: str) -> Optional[Tuple[float, float]
 # ----------------------------------------------------------------------------- sampling
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SampleSettings:
-    """How to sample. skip_cache_interval None: no Skip-Cache."""
+    """How to sample (fields by name). skip_cache_interval None: no Skip-Cache."""
 
     sampler: str = "heun"
-    steps: Optional[int] = None
+    steps: int | None = None
     guidance_scale: float = 1.0
-    guidance_interval: Optional[Tuple[float, float]] = None
-    skip_cache_interval: Optional[int] = None
+    guidance_interval: Tuple[float, float] | None = None
+    skip_cache_interval: int | None = None
     skip_cache_keep: int = 1
-    skip_cache_full_sigma: Optional[Tuple[float, float]] = None
+    skip_cache_full_sigma: Tuple[float, float] | None = None
     batch_size: int = 64
     seed: int = 0
-    guidance_channels: Optional[int] = None
+    guidance_channels: int | None = None
 
     def resolved_steps(self) -> int:
         """--steps, or the sampler's usual count."""
@@ -133,17 +133,17 @@ class GenerateResult:
     """What a run wrote (paths on rank 0; None elsewhere) and what it executed."""
 
     out_dir: str
-    npz: Optional[str]
-    grid: Optional[str]
+    npz: str | None
+    grid: str | None
     num_images: int
     full_steps: int = 0
     cached_steps: int = 0
     steps_per_batch: Tuple[int, int] = (0, 0)
     seconds: float = 0.0
-    labels: Optional[np.ndarray] = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
 
 
-def check_settings(model: LoadedModel, s: SampleSettings) -> Tuple[torch.Tensor, Optional[SkipCacheConfig]]:
+def check_settings(model: LoadedModel, s: SampleSettings) -> Tuple[torch.Tensor, SkipCacheConfig | None]:
     """Validate sampler / guidance / Skip-Cache against the model; returns (sigmas, SkipCacheConfig)."""
     if s.sampler not in SAMPLERS:
         raise SampleError(f"unknown sampler {s.sampler!r}: choose from {', '.join(SAMPLERS)}")
@@ -180,11 +180,10 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: SampleSettings,
-             vae: Optional[str] = None, rank: int = 0, world_size: int = 1,
-             device: Optional[torch.device] = None, png: bool = True, grid_count: int = 100,
-             grid_cols: Optional[int] = None, progress: bool = True,
-             decoder: Optional[nn.Module] = None) -> GenerateResult:
+def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: SampleSettings, *,
+             vae: str | None = None, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+             png: bool = True, grid_count: int = 100, grid_cols: int | None = None, progress: bool = True,
+             decoder: nn.Module | None = None) -> GenerateResult:
     """Sample images for `labels` (this rank's share), write PNGs and this rank's part; rank 0
     then merges every rank's part into samples.npz and draws the grid (after a barrier)."""
     device = device or torch.device("cpu")
@@ -212,8 +211,9 @@ def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: Sam
         y = torch.from_numpy(labels[idx]).to(device)
         stochastic = SAMPLERS[settings.sampler].stochastic  # its step noise per image: batch-independent
         gens = [step_generator(settings.seed, int(i), device) for i in idx] if stochastic else None
-        out = sample(model.denoiser, noise, y, sigmas.to(device), settings.sampler, settings.guidance_scale,
-                     settings.guidance_interval, skip, generator=gens, guidance_channels=settings.guidance_channels)
+        out = sample(model.denoiser, noise, y, sigmas.to(device), sampler=settings.sampler,
+                     guidance_scale=settings.guidance_scale, guidance_interval=settings.guidance_interval,
+                     skip_cache=skip, generator=gens, guidance_channels=settings.guidance_channels)
         with torch.no_grad():
             images = _to_uint8(decode_latents(out.x, scaling, encoder, decoder))
         if part_images is None:
@@ -288,10 +288,10 @@ def merge_parts(out_dir: str, labels: np.ndarray, world_size: int) -> str:
 # ----------------------------------------------------------------------------- Python entry point
 
 
-def sample_checkpoint(checkpoint: str, out_dir: str, classes: str | Sequence[int] = "all",
-                      per_class: Optional[int] = None, num: Optional[int] = None, weights: Optional[str] = None,
-                      vae: Optional[str] = None, png: bool = True, progress: bool = False,
-                      device: Optional[torch.device] = None, **settings: Any) -> GenerateResult:
+def sample_checkpoint(checkpoint: str, out_dir: str, classes: str | Sequence[int] = "all", *,
+                      per_class: int | None = None, num: int | None = None, weights: str | None = None,
+                      vae: str | None = None, png: bool = True, progress: bool = False,
+                      device: torch.device | None = None, **settings: Any) -> GenerateResult:
     """One-process sampling as a function (the demo's call): e.g.
     sample_checkpoint("runs/digits_demo/checkpoints", "runs/digits_demo/eval", per_class=10,
     guidance_scale=2.0, steps=18). settings: fields of SampleSettings. Raises SampleError."""
@@ -306,7 +306,7 @@ def sample_checkpoint(checkpoint: str, out_dir: str, classes: str | Sequence[int
                     progress=progress, grid_cols=grid_columns(per_class, len(chosen)))
 
 
-def grid_columns(per_class: Optional[int], num_classes: int) -> Optional[int]:
+def grid_columns(per_class: int | None, num_classes: int) -> int | None:
     """Grid columns: one row per class (--per-class), or one column per class (cycling labels);
     a square grid when that would be wider than 20."""
     cols = per_class if per_class is not None else num_classes

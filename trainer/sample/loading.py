@@ -5,7 +5,7 @@ preconditioning and what decoding needs to know about its data."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from torch import nn
@@ -51,9 +51,9 @@ def _diffusion(settings: Dict[str, Any], where: str) -> DiffusionConfig:
         raise SampleError(f"diffusion settings of {where}: {err}") from None
 
 
-def load_model(path: str, weights: Optional[str] = None, device: torch.device | str = "cpu",
-               layout: Optional[str] = None, num_heads: Optional[int] = None,
-               decoder_num_heads: Optional[int] = None) -> LoadedModel:
+def load_model(path: str, weights: str | None = None, device: torch.device | str = "cpu", *,
+               layout: str | None = None, num_heads: int | None = None,
+               decoder_num_heads: int | None = None) -> LoadedModel:
     """Our network with the preconditioning it was trained with, from anything
     trainer.checkpoints.read_network reads: a checkpoint (EMA weights unless weights='model'), an
     exported safetensors file, or a published DiT / MaskDiT release (`layout`, `num_heads`,
@@ -61,7 +61,7 @@ def load_model(path: str, weights: Optional[str] = None, device: torch.device | 
     if weights not in (None, *WEIGHT_KINDS):
         raise SampleError(f"--weights must be one of {', '.join(WEIGHT_KINDS)}, got {weights!r}")
     try:
-        src = read_network(path, weights, layout, num_heads, decoder_num_heads)
+        src = read_network(path, weights, layout=layout, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
     except CheckpointError as err:
         raise SampleError(str(err)) from None
     if not src.dataset.get("latent_shape"):
@@ -74,11 +74,11 @@ def load_model(path: str, weights: Optional[str] = None, device: torch.device | 
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SampleError(f"cannot rebuild {src.model_name} from {src.path}: {first}") from None
     denoiser = _diffusion(src.diffusion, src.path).denoiser(net.eval().requires_grad_(False))
-    return LoadedModel(denoiser.to(device), src.model_name, src.model_kwargs, src.dataset, src.step, src.weights,
-                       src.path, src.kind)
+    return LoadedModel(denoiser=denoiser.to(device), model_name=src.model_name, model_kwargs=src.model_kwargs,
+                       dataset=src.dataset, step=src.step, weights=src.weights, source=src.path, kind=src.kind)
 
 
-def load_decoder(model: LoadedModel, vae: Optional[str], device: torch.device) -> Optional[nn.Module]:
+def load_decoder(model: LoadedModel, vae: str | None, device: torch.device) -> nn.Module | None:
     """The VAE for latents (the dataset's encoder id, or `vae`), None for pixel data."""
     encoder = model.dataset.get("encoder") or {}
     kind = encoder.get("kind")

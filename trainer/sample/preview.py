@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -15,7 +15,7 @@ from ..diffusion import Denoiser, default_sigmas, sample
 
 
 def decode_latents(z: torch.Tensor, scaling_factor: float, encoder: dict,
-                   vae: Optional[nn.Module] = None) -> torch.Tensor:
+                   vae: nn.Module | None = None) -> torch.Tensor:
     """Latents (as trained, i.e. scaled) -> images in [0, 1], [B, 3, H, W].
 
     pixels: the latent is the image in [-1, 1]. vae: decoded when a VAE module is given; without
@@ -34,7 +34,7 @@ def decode_latents(z: torch.Tensor, scaling_factor: float, encoder: dict,
     return ((images + 1) / 2).clamp(0, 1)
 
 
-def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 1) -> torch.Tensor:
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> one [3, rows*(H+pad)+pad, cols*(W+pad)+pad] image."""
     b, c, h, w = images.shape
     cols = nrow or math.ceil(math.sqrt(b))

@@ -1,15 +1,16 @@
 """A study's budget in training steps: an images budget is images // data.batch_size; a FLOPs budget
 is the fewest steps whose training FLOPs (the phase plan laid over them, each step's mask ratio
-counted by model_zoo.flops) reach it. The network's sizes come from the dataset's manifest."""
+counted by the run's own counter, trainer.config.TrainingFlops) reach it. The network's sizes come
+from the dataset's manifest."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from data_tools.format import DataToolsError, Manifest, manifest_location
-from model_zoo.flops import FlopsPerImage
+from data_tools.format import DataToolsError
+from data_tools.manifest import Manifest, manifest_location
 
-from ..config import ConfigError, PhasePlan, TrainConfig
+from ..config import ConfigError, PhasePlan, TrainConfig, TrainingFlops
 from ..config.phases import MASKED
 
 
@@ -31,9 +32,15 @@ def dataset_manifest(cfg: TrainConfig) -> Manifest:
         raise ConfigError(f"data.shards: {err}") from None
 
 
-def flops_per_image(cfg: TrainConfig, manifest: Manifest) -> FlopsPerImage:
-    """The counter the trainer uses for its train_flops, for this config's network."""
-    return FlopsPerImage(cfg.model.name, cfg.model_kwargs(manifest.spec.shape, manifest.num_classes))
+def flops_per_image(cfg: TrainConfig, manifest: Manifest) -> TrainingFlops:
+    """The counter the trainer uses for its train_flops, for this config's network (and alignment
+    head) on the manifest's data."""
+    features = manifest.feature_spec if cfg.align.enabled else None
+    try:
+        return TrainingFlops(cfg, manifest.spec.shape, manifest.num_classes,
+                             features.shape[0] if features is not None else None)
+    except ValueError as err:  # alignment on data without teacher features
+        raise ConfigError(str(err)) from None
 
 
 def training_flops(cfg: TrainConfig, total_steps: int, per_image: Callable[[float], float]) -> float:

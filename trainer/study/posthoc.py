@@ -9,27 +9,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import numpy as np
 import torch
 
-from data_tools.format import write_json_atomic
+from data_tools.atomic import write_json_atomic
 
 from ..checkpoints import find_resume, read_record
 from ..config import ConfigError
+from ..evaluation.digits import digits_accuracy, digits_fd
 from ..sample.generate import SampleSettings, generate, make_labels
 from ..sample.loading import LoadedModel, SampleError, load_model
-from .digits import digits_accuracy, digits_fd
-from .study_budget import dataset_manifest
-from .study_spec import PlannedRun, Study, StudyError
+from .budget import dataset_manifest
+from .spec import PlannedRun, Study, StudyError
 
 POSTHOC_FILE = "posthoc.json"
 SEED = 0
 """Noise seed of every post-hoc judgement: each run and scale starts from the same noise."""
 
 
-def _why_no_judge(run: PlannedRun) -> Optional[str]:
+def _why_no_judge(run: PlannedRun) -> str | None:
     """None when the run trained on the bundled digits, else why the digits judge does not apply."""
     try:
         spec = str(dataset_manifest(run.config).source.get("spec", ""))
@@ -57,7 +57,7 @@ def _warm_up(model: LoadedModel, labels: np.ndarray, out_dir: str, device: torch
 
 
 def posthoc(run: PlannedRun, study: Study, device: torch.device | str,
-            log: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
+            log: Callable[[str], None] = print) -> Dict[str, Any] | None:
     """The post-hoc judgement of a finished run, as cached in posthoc.json: {settings, note, guidance:
     {scale: {digits_fd, digits_acc, seconds}}, skip_cache: {interval, guidance: {...}}}. Only what
     the file lacks is sampled. None when the study asks for none (posthoc_images 0)."""

@@ -1,32 +1,37 @@
-"""A study's report: its numbers (study_summary.summarize, the content of study.json) rendered as
+"""A study's report: its numbers (summary.summarize, the content of study.json) rendered as
 study.md (tables) and study.png (quality against training FLOPs and wall time, matplotlib's Agg
 renderer), written with study.json into the study's output_dir."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 from matplotlib.figure import Figure
 
-from data_tools.format import write_json_atomic, write_text_atomic
+from data_tools.atomic import write_json_atomic, write_text_atomic
 
+from ..evaluation.registry import table_text
 from ..progress import format_eta
 
 # ----------------------------------------------------------------------------- study.md
 
 
-def _num(value: Optional[float], fmt: str = "{:.4g}") -> str:
+def _num(value: float | None, fmt: str = "{:.4g}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _need(need: Optional[Mapping[str, float]], axis: str, fmt: str) -> str:
+def _cell(metric: str, value: float | None) -> str:
+    return "-" if value is None else table_text(metric, value)
+
+
+def _need(need: Mapping[str, float] | None, axis: str, fmt: str) -> str:
     if need is None:
         return "not reached"
     return format_eta(need[axis]) if axis == "train_seconds" else fmt.format(need[axis])
 
 
-def _speedup(value: Optional[float]) -> str:
+def _speedup(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
@@ -46,9 +51,8 @@ def _posthoc_lines(summary: Mapping[str, Any]) -> list:
         for v in variants:
             for kind, label in (("full", v["name"]), ("skip_cache", f"{v['name']} + Skip-Cache")):
                 row = v["posthoc"].get(kind, {}).get(metric)
-                fmt = "{:.1%}" if metric.endswith("_acc") else "{:.4g}"  # accuracies as percentages
                 if row:
-                    lines.append(f"| {label} | " + " | ".join(_num(row.get(s), fmt) for s in scales) + " |")
+                    lines.append(f"| {label} | " + " | ".join(_cell(metric, row.get(s)) for s in scales) + " |")
     return lines
 
 

@@ -1,7 +1,7 @@
-"""`mdt-study STUDY.yaml`: train each variant x seed of a study (trainer/evaluation/study_spec.py
-describes the file) one run at a time through the deepspeed launcher, exactly as a user launches
-mdt-train, judge each finished run post hoc (study_posthoc.py), then write study.md, study.png and
-study.json (study_report.py) into the study's output_dir.
+"""`mdt-study STUDY.yaml`: train each variant x seed of a study (trainer/study/spec.py describes the
+file) one run at a time through the deepspeed launcher, exactly as a user launches mdt-train, judge
+each finished run post hoc (posthoc.py), then write study.md, study.png and study.json (report.py)
+into the study's output_dir.
 
 Rerunning the study resumes it: finished runs (a complete checkpoint at their last step and a final
 evaluation in metrics.jsonl) are skipped, unfinished ones are relaunched with the same command and
@@ -20,14 +20,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, TextIO
 
 from ..checkpoints import CheckpointError, find_resume, read_record
+from ..evaluation.errors import EvalError
+from ..evaluation.history import read_metrics
 from ..progress import ProgressLine
-from .history import METRICS_FILE, parse_metrics
-from .study_report import write_report
-from .study_spec import PlannedRun, Study, StudyError, load_study, plan_runs
-from .study_summary import summarize
+from .report import write_report
+from .spec import PlannedRun, Study, StudyError, load_study, plan_runs
+from .summary import summarize
 
 LOG_FILE = "study.log"
 FINISHED, RESUME, NEW = "finished", "resume", "new"
@@ -38,16 +39,13 @@ _UNCOMPARED = ("run.total_steps", "run.time_limit_s", "run.stall_timeout_s", "ru
 """Config keys a run may resume under other values of (the budget, logging, saving)."""
 
 
-def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
-    """A run's evaluation records (RUN_DIR/metrics.jsonl), by step; [] before its first evaluation."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        try:
-            return parse_metrics(f.read(), path)
-        except ValueError as err:
-            raise StudyError(str(err)) from None
+def run_records(run_dir: str) -> List[Dict[str, Any]]:
+    """A run's evaluation records (RUN_DIR/metrics.jsonl), by step; [] before its first evaluation,
+    StudyError (mdt-study's one-line error) for a line that is not a record."""
+    try:
+        return read_metrics(run_dir, missing_ok=True)
+    except EvalError as err:
+        raise StudyError(str(err)) from None
 
 
 def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -88,7 +86,7 @@ def run_status(run: PlannedRun) -> RunStatus:
     except CheckpointError as err:
         raise StudyError(f"run {run.name}: {err}") from None
     _check_same_config(run, checkpoint, record.config)
-    finals = [r for r in read_metrics(run.run_dir) if r.get("final") and r["step"] == record.step]
+    finals = [r for r in run_records(run.run_dir) if r.get("final") and r["step"] == record.step]
     limit = run.config.run.time_limit_s
     done = record.step >= run.steps or (limit is not None and bool(finals) and finals[-1]["train_seconds"] >= limit)
     return RunStatus(FINISHED if done and finals else RESUME, record.step)
@@ -168,8 +166,7 @@ def _dry_run(study: Study, runs: List[PlannedRun], statuses: List[RunStatus], ou
     return {"name": study.name, "runs": plan}
 
 
-def train_all(study: Study, runs: List[PlannedRun], out: Optional[TextIO] = None, err: Optional[TextIO] = None
-              ) -> None:
+def train_all(study: Study, runs: List[PlannedRun], out: TextIO | None = None, err: TextIO | None = None) -> None:
     """Launch every unfinished run in order; one progress line for the study (run k of n, its last
     logged step, the ETA of the study's training from the steps done so far) on err (stderr)."""
     out, err = out or sys.stdout, err or sys.stderr
@@ -195,10 +192,10 @@ def train_all(study: Study, runs: List[PlannedRun], out: Optional[TextIO] = None
 
 
 def report(study: Study, runs: List[PlannedRun], posthoc: Dict[str, Dict[int, Any]]) -> Dict[str, Any]:
-    """The study's numbers from the runs' records (study_summary.summarize); writes the report."""
+    """The study's numbers from the runs' records (summary.summarize); writes the report."""
     records: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
     for run in runs:
-        records.setdefault(run.variant, {})[run.seed] = read_metrics(run.run_dir)
+        records.setdefault(run.variant, {})[run.seed] = run_records(run.run_dir)
     notes = sorted({p["note"] for seeds in posthoc.values() for p in seeds.values() if p and p.get("note")})
     head = {"name": study.name, "quality": study.quality, "baseline": study.baseline, "budget": study.budget,
             "budget_text": study.budget_text(), "ranks": study.ranks, "base": study.base,
@@ -211,8 +208,8 @@ def report(study: Study, runs: List[PlannedRun], posthoc: Dict[str, Dict[int, An
     return summary
 
 
-def run_study(path: str, dry_run: bool = False, posthoc: bool = True, out: Optional[TextIO] = None,
-              err: Optional[TextIO] = None) -> Dict[str, Any]:
+def run_study(path: str, *, dry_run: bool = False, posthoc: bool = True, out: TextIO | None = None,
+              err: TextIO | None = None) -> Dict[str, Any]:
     """mdt-study as a function: plan (every run's config validated before anything starts), train
     what is unfinished, judge post hoc, report. Returns the report's numbers (study.json), or with
     dry_run the plan ({"name", "runs": [{name, variant, seed, steps, state, command}]}). StudyError."""
@@ -226,7 +223,7 @@ def run_study(path: str, dry_run: bool = False, posthoc: bool = True, out: Optio
     if posthoc and study.posthoc_images:
         # Sampling imports DeepSpeed's accelerator (seconds, and a log line): only when judging.
         from ..distributed import accelerator_device  # noqa: PLC0415
-        from .study_posthoc import posthoc as judge  # noqa: PLC0415
+        from .posthoc import posthoc as judge  # noqa: PLC0415
 
         device = accelerator_device()
         for run in runs:

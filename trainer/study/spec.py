@@ -28,19 +28,17 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import yaml
 
-from ..config import ConfigError, TrainConfig, load_config, validate
-from .study_budget import FlopsPerImage, dataset_manifest, flops_per_image, steps_for_flops, steps_for_images
-from .study_summary import direction, metric_stem
+from ..config import ConfigError, TrainConfig, TrainingFlops, load_config, validate
+from ..evaluation.registry import METRIC_SPECS, direction, metric_stem
+from .budget import dataset_manifest, flops_per_image, steps_for_flops, steps_for_images
 
 BUDGETS = ("images", "flops", "wall_s")
 STUDY_KEYS = ("run.output_dir", "run.name", "run.seed", "run.total_steps", "run.time_limit_s")
 """Config keys the study sets for every run."""
-EVAL_METRIC = {"val_loss": "val_loss", "digits_fd": "digits", "digits_acc": "digits", "fid": "fid"}
-"""Headline metric stem -> the eval.metrics entry that produces it."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NUMBER = r"\d+(\.\d*)?(e[+-]?\d+)?"
 _QUALITY = re.compile(rf"^[a-z_]+(/sigma={_NUMBER})?(@g{_NUMBER})?$")
@@ -62,7 +60,7 @@ class Variant:
     name: str
     overrides: List[str] = field(default_factory=list)
     """KEY=VALUE overrides as `--set` takes them (the YAML key is `set`)."""
-    seeds: Optional[List[int]] = None
+    seeds: List[int] | None = None
     """This variant's seeds; None: the study's."""
 
 
@@ -82,7 +80,7 @@ class Study:
     ranks: int = 2
     seeds: List[int] = field(default_factory=lambda: [0])
     guidance: List[float] = field(default_factory=lambda: [1.0])
-    skip_cache: Optional[int] = None
+    skip_cache: int | None = None
     posthoc_images: int = 200
 
     def seeds_of(self, variant: Variant) -> List[int]:
@@ -193,8 +191,10 @@ def load_study(path: str) -> Study:
             f"posthoc_images must be an integer >= 0, got {images!r}")
     output_dir = tree.get("output_dir") or os.path.join("runs", "studies", name)
     _expect(isinstance(output_dir, str), f"output_dir must be a path, got {output_dir!r}")
-    return Study(path, name, base, output_dir, _budget(tree["budget"]), quality, baseline, variants, ranks,
-                 _int_list(tree.get("seeds", [0]), "seeds"), [float(g) for g in guidance], skip, images)
+    return Study(path=path, name=name, base=base, output_dir=output_dir, budget=_budget(tree["budget"]),
+                 quality=quality, baseline=baseline, variants=variants, ranks=ranks,
+                 seeds=_int_list(tree.get("seeds", [0]), "seeds"), guidance=[float(g) for g in guidance],
+                 skip_cache=skip, posthoc_images=images)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -233,11 +233,11 @@ def _yaml_value(value: Any) -> str:
 
 
 def _check_eval(cfg: TrainConfig, quality: str) -> None:
-    e, stem = cfg.eval, metric_stem(quality)
+    e, group = cfg.eval, METRIC_SPECS[metric_stem(quality)].group
     if e.every <= 0:
         raise ConfigError("eval.every is 0: a study needs the run's evaluation (set eval.every)")
-    if EVAL_METRIC[stem] not in e.metrics:
-        raise ConfigError(f"eval.metrics {e.metrics} lacks {EVAL_METRIC[stem]}, which gives the study's {quality}")
+    if group not in e.metrics:
+        raise ConfigError(f"eval.metrics {e.metrics} lacks {group}, which gives the study's {quality}")
     if "@g" in quality and float(quality.split("@g", 1)[1]) not in e.guidance_scales:
         raise ConfigError(f"eval.guidance_scales {e.guidance_scales} lacks the scale of the study's {quality}")
 
@@ -247,7 +247,7 @@ def plan_runs(study: Study) -> List[PlannedRun]:
     overrides and validated for study.ranks ranks; StudyError naming the variant and key otherwise."""
     runs: List[PlannedRun] = []
     manifests: Dict[Any, Any] = {}
-    counters: Dict[Any, FlopsPerImage] = {}
+    counters: Dict[Any, TrainingFlops] = {}
     for v in study.variants:
         try:
             cfg = load_config(study.base, v.overrides)
@@ -260,7 +260,9 @@ def plan_runs(study: Study) -> List[PlannedRun]:
                 key = (cfg.data.shards, cfg.data.manifest)
                 manifests[key] = manifests.get(key) or dataset_manifest(cfg)
                 count = flops_per_image(cfg, manifests[key])
-                counter = (cfg.model.name, json.dumps(count.kwargs, sort_keys=True))  # one network, one count
+                # one network (and alignment head), one count: counting a mask ratio builds the network
+                counter = json.dumps([cfg.model.name, count.kwargs, count.align_block, count.head_per_token],
+                                     sort_keys=True)
                 counters[counter] = counters.get(counter) or count
                 steps = steps_for_flops(cfg, float(amount), counters[counter])
             else:
@@ -272,7 +274,8 @@ def plan_runs(study: Study) -> List[PlannedRun]:
                 run_cfg = load_config(study.base, overrides)
                 validate(run_cfg, study.ranks)
                 _check_eval(run_cfg, study.quality)
-                runs.append(PlannedRun(v.name, seed, name, overrides, run_cfg, steps))
+                runs.append(PlannedRun(variant=v.name, seed=seed, name=name, overrides=overrides, config=run_cfg,
+                                       steps=steps))
         except ConfigError as err:
             raise StudyError(f"variants {v.name}: {err}") from None
     return runs

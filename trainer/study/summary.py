@@ -1,5 +1,5 @@
 """A study's numbers as pure functions: the runs' in-loop evaluation records (RUN_DIR/metrics.jsonl)
-and post-hoc judgements (RUN_DIR/posthoc.json) in, the content of `study.json` out (study_report.py
+and post-hoc judgements (RUN_DIR/posthoc.json) in, the content of `study.json` out (report.py
 renders it as study.md and study.png).
 
 The target quality is the baseline's final quality, averaged over its seeds. What a variant needed
@@ -12,29 +12,12 @@ it (the worse one) would never reach its own mean. Per-seed values are in study.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-LOWER, HIGHER = "lower", "higher"
-QUALITY_DIRECTIONS: Dict[str, str] = {"val_loss": LOWER, "digits_fd": LOWER, "fid": LOWER, "digits_acc": HIGHER}
-"""Headline metrics a study can rank by, with the direction that is better. A name may carry a
-guidance suffix (digits_fd@g2) or a noise level (val_loss/sigma=0.3); its stem decides."""
+from ..evaluation.registry import LOWER, METRIC_SPECS, direction, metric_stem
 
 AXES = ("step", "images_seen", "train_flops", "train_seconds", "accelerator_hours")
 """What an evaluation record says about the training spent so far (all ranks)."""
-
-
-def metric_stem(name: str) -> str:
-    """The registry name inside a metric name: digits_fd@g2 -> digits_fd, val_loss/sigma=0.3 -> val_loss."""
-    return name.split("@", 1)[0].split("/", 1)[0]
-
-
-def direction(name: str) -> str:
-    """LOWER or HIGHER: which way a metric gets better; ValueError for a metric outside the registry."""
-    stem = metric_stem(name)
-    if stem not in QUALITY_DIRECTIONS:
-        raise ValueError(f"unknown metric {name!r}: choose from {', '.join(QUALITY_DIRECTIONS)} "
-                         f"(with an optional @gSCALE suffix)")
-    return QUALITY_DIRECTIONS[stem]
 
 
 def reaches(value: float, target: float, way: str) -> bool:
@@ -45,7 +28,7 @@ def reaches(value: float, target: float, way: str) -> bool:
 # ----------------------------------------------------------------------------- records
 
 
-def split_final(records: Sequence[Mapping[str, Any]]) -> Tuple[List[Mapping[str, Any]], Optional[Mapping[str, Any]]]:
+def split_final(records: Sequence[Mapping[str, Any]]) -> Tuple[List[Mapping[str, Any]], Mapping[str, Any] | None]:
     """(records before the final evaluation, the final record or None). Without a record marked
     final (an unfinished run) the last one stands in."""
     finals = [r for r in records if r.get("final")]
@@ -59,7 +42,7 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _sd(values: Sequence[float]) -> Optional[float]:
+def _sd(values: Sequence[float]) -> float | None:
     """Sample standard deviation (n - 1); None for one value."""
     if len(values) < 2:
         return None
@@ -87,7 +70,7 @@ def mean_curve(runs: Sequence[Sequence[Mapping[str, Any]]], quality: str) -> Lis
     return curve + [_point([final for _, final in parts], quality, True)]
 
 
-def first_reach(curve: Sequence[Mapping[str, Any]], target: float, way: str) -> Optional[Dict[str, float]]:
+def first_reach(curve: Sequence[Mapping[str, Any]], target: float, way: str) -> Dict[str, float] | None:
     """Where a curve first reaches the target, each axis interpolated linearly between the
     evaluation before and the one that reaches it (the first evaluation's own values if it already
     does); None when it never does."""
@@ -105,13 +88,13 @@ def first_reach(curve: Sequence[Mapping[str, Any]], target: float, way: str) -> 
 # ----------------------------------------------------------------------------- summary (study.json)
 
 
-def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
 
 
-def _guided_values(final: Mapping[str, Any], posthoc: Optional[Mapping[str, Any]], stem: str) -> Dict[float, float]:
+def _guided_values(final: Mapping[str, Any], posthoc: Mapping[str, Any] | None, stem: str) -> Dict[float, float]:
     """Quality by guidance scale for one run: the final in-loop evaluation's NAME / NAME@gG, then
     the post-hoc judgement's values of the same metric (which win where both exist)."""
     values: Dict[float, float] = {}
@@ -126,8 +109,8 @@ def _guided_values(final: Mapping[str, Any], posthoc: Optional[Mapping[str, Any]
     return values
 
 
-def _guided(finals: Sequence[Mapping[str, Any]], posthoc: Sequence[Optional[Mapping[str, Any]]], stem: str,
-            way: str) -> Optional[Dict[str, Any]]:
+def _guided(finals: Sequence[Mapping[str, Any]], posthoc: Sequence[Mapping[str, Any] | None], stem: str,
+            way: str) -> Dict[str, Any] | None:
     per_run = [_guided_values(f, p, stem) for f, p in zip(finals, posthoc)]
     scales = sorted(set.intersection(*(set(v) for v in per_run))) if per_run else []
     if not scales:
@@ -138,7 +121,7 @@ def _guided(finals: Sequence[Mapping[str, Any]], posthoc: Sequence[Optional[Mapp
             "best": means[best]}
 
 
-def _skip_cache(posthoc: Sequence[Optional[Mapping[str, Any]]], scale: Optional[float]) -> Optional[Dict[str, Any]]:
+def _skip_cache(posthoc: Sequence[Mapping[str, Any] | None], scale: float | None) -> Dict[str, Any] | None:
     """Skip-Cache's sampling speed-up and change in digits FD / accuracy, mean over seeds, at `scale`
     (the best guidance scale) where it was measured, else at the first scale measured."""
     pairs = []
@@ -154,13 +137,13 @@ def _skip_cache(posthoc: Sequence[Optional[Mapping[str, Any]]], scale: Optional[
         return None
     out = {"scale": pairs[0][0], "interval": (posthoc[0] or {})["skip_cache"].get("interval"),
            "speedup": _mean([f["seconds"] / c["seconds"] for _, f, c in pairs])}
-    for metric in ("digits_fd", "digits_acc"):
+    for metric in METRIC_SPECS:  # what the post-hoc judge measured: digits_fd and digits_acc
         if all(metric in f and metric in c for _, f, c in pairs):
             out[f"{metric}_change"] = _mean([c[metric] - f[metric] for _, f, c in pairs])
     return out
 
 
-def _posthoc_table(posthoc: Sequence[Optional[Mapping[str, Any]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def _posthoc_table(posthoc: Sequence[Mapping[str, Any] | None]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Every post-hoc metric by guidance scale, mean over the seeds that judged it:
     {"full" | "skip_cache": {metric: {scale: mean}}}; a scale some seed lacks is left out."""
     tables: Dict[str, Dict[str, Dict[str, float]]] = {}
@@ -180,7 +163,7 @@ def _posthoc_table(posthoc: Sequence[Optional[Mapping[str, Any]]]) -> Dict[str, 
 
 
 def summarize(study: Mapping[str, Any], runs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]],
-              posthoc: Mapping[str, Mapping[int, Optional[Mapping[str, Any]]]]) -> Dict[str, Any]:
+              posthoc: Mapping[str, Mapping[int, Mapping[str, Any] | None]]) -> Dict[str, Any]:
     """The study's numbers (study.json). study: name, quality, baseline, budget (a mapping) and
     anything else to carry; runs: variant -> seed -> evaluation records; posthoc: variant -> seed
     -> the run's posthoc.json (or None). Variants keep the order of `runs`."""

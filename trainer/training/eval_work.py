@@ -10,7 +10,7 @@ training samples.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, List, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..diffusion import Denoiser, SkipCacheConfig, default_sigmas, sample
-from ..sample.generate import image_noise, step_generator
+from ..sample.generate import SampleSettings, image_noise, step_generator
 from ..sample.preview import decode_latents
 
 T = TypeVar("T")
@@ -34,7 +34,7 @@ def batches_of(count: int, batch_size: int, rank: int, world_size: int) -> List[
 def in_batch_order(mine: Dict[int, T]) -> List[T]:
     """Every rank's per-batch results, in batch order, on every rank (one all_gather_object)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: List[Optional[Dict[int, T]]] = [None] * dist.get_world_size()
+        parts: List[Dict[int, T] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
         merged = {k: v for part in parts for k, v in (part or {}).items()}
     else:
@@ -42,25 +42,29 @@ def in_batch_order(mine: Dict[int, T]) -> List[T]:
     return [merged[k] for k in sorted(merged)]
 
 
-def generate_features(denoiser: Denoiser, count: int, batch_size: int, rank: int, world_size: int,
-                      latent_shape: Sequence[int], num_classes: int, seed: int, sampler: str, steps: int,
-                      guidance_scale: float, skip_cache: Optional[int],
-                      to_images: Callable[[torch.Tensor], torch.Tensor],
-                      featurizers: Dict[str, Callable[[np.ndarray], np.ndarray]], device: torch.device
-                      ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
-    """({name: features [count, ...]}, labels [count]) of `count` generated images: image i has
-    label i % num_classes and the starting noise (and step noise) of (seed, i), as `mdt-sample`
-    makes it; `to_images` decodes latents to [B, 3, H, W] in [0, 1], each featurizer maps uint8
-    images [B, H, W, 3] to an array with one row per image."""
+def generate_features(denoiser: Denoiser, settings: SampleSettings, *, count: int, latent_shape: Sequence[int],
+                      num_classes: int, to_images: Callable[[torch.Tensor], torch.Tensor],
+                      featurizers: Dict[str, Callable[[np.ndarray], np.ndarray]], rank: int, world_size: int,
+                      device: torch.device) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """({name: features [count, ...]}, labels [count]) of `count` generated images, sampled as
+    `settings` say (in batches of settings.batch_size): image i has label i % num_classes and the
+    starting noise (and step noise) of (settings.seed, i), as `mdt-sample` makes it; `to_images`
+    decodes latents to [B, 3, H, W] in [0, 1], each featurizer maps uint8 images [B, H, W, 3] to an
+    array with one row per image."""
     schedule = getattr(denoiser.precond, "schedule", None)
-    sigmas = default_sigmas(sampler, steps, schedule, denoiser.precond.name).to(device)
-    skip = SkipCacheConfig(skip_cache) if skip_cache else None
+    sigmas = default_sigmas(settings.sampler, settings.resolved_steps(), schedule, denoiser.precond.name).to(device)
+    skip = None
+    if settings.skip_cache_interval:
+        skip = SkipCacheConfig(settings.skip_cache_interval, settings.skip_cache_keep, settings.skip_cache_full_sigma)
+    seed = settings.seed
     mine = {}
-    for b, idx in batches_of(count, batch_size, rank, world_size):
+    for b, idx in batches_of(count, settings.batch_size, rank, world_size):
         noise = torch.stack([image_noise(seed, i, latent_shape) for i in idx]).to(device)
         labels = torch.tensor([i % num_classes for i in idx], device=device)
         gens = [step_generator(seed, i, device) for i in idx]
-        z = sample(denoiser, noise, labels, sigmas, sampler, guidance_scale, skip_cache=skip, generator=gens).x
+        z = sample(denoiser, noise, labels, sigmas, sampler=settings.sampler, guidance_scale=settings.guidance_scale,
+                   guidance_interval=settings.guidance_interval, skip_cache=skip, generator=gens,
+                   guidance_channels=settings.guidance_channels).x
         with torch.no_grad():
             images = (to_images(z).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         mine[b] = ({name: f(images) for name, f in featurizers.items()}, labels.cpu().numpy())
@@ -70,7 +74,7 @@ def generate_features(denoiser: Denoiser, count: int, batch_size: int, rank: int
 
 
 def latent_decoder(scaling_factor: float, encoder: dict,
-                   vae: Optional[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+                   vae: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Latents as trained -> images [B, 3, H, W] in [0, 1] (pixels, or through the dataset's VAE)."""
     return lambda z: decode_latents(z, scaling_factor, encoder, vae)
 
@@ -81,8 +85,8 @@ def sample_noise(seed: int, index: int, level: int, shape: Sequence[int]) -> tor
 
 
 @torch.no_grad()
-def validation_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigmas: Sequence[float],
-                    batch_size: int, rank: int, world_size: int, seed: int, device: torch.device) -> np.ndarray:
+def validation_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, *, sigmas: Sequence[float],
+                    batch_size: int, seed: int, rank: int, world_size: int, device: torch.device) -> np.ndarray:
     """Mean squared denoising error in x0 space, E|D(x0 + sigma n; sigma, y) - x0|^2, per noise level
     [len(sigmas)], over the validation samples x0 [N, C, H, W] (labels y [N]), with the fixed noise of
     (seed, sample, level) and no masking: the same weights always give the same numbers."""
@@ -98,9 +102,9 @@ def validation_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma
     return np.sum(in_batch_order(mine), axis=0) / len(x0)
 
 
-def reference_features(latents: torch.Tensor, batch_size: int, rank: int, world_size: int,
-                       to_images: Callable[[torch.Tensor], torch.Tensor],
-                       featurize: Callable[[np.ndarray], np.ndarray], device: torch.device) -> np.ndarray:
+def reference_features(latents: torch.Tensor, *, batch_size: int, to_images: Callable[[torch.Tensor], torch.Tensor],
+                       featurize: Callable[[np.ndarray], np.ndarray], rank: int, world_size: int,
+                       device: torch.device) -> np.ndarray:
     """Features [N, D] of real samples given as latents [N, C, H, W] (decoded like generated ones)."""
     mine = {}
     for b, idx in batches_of(len(latents), batch_size, rank, world_size):
