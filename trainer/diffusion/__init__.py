@@ -41,6 +41,7 @@ from .preconditioning import (
     make_preconditioning,
 )
 from .samplers import (
+    GUIDANCE_KINDS,
     SAMPLERS,
     GuidedModel,
     SampleResult,
@@ -61,7 +62,8 @@ __all__ = [
     "training_losses",
     "PRECONDITIONINGS", "Denoiser", "EDMPrecond", "FlowPrecond", "Preconditioning", "VPPrecond", "make_denoiser",
     "make_preconditioning",
-    "SAMPLERS", "GuidedModel", "SampleResult", "SamplerSpec", "SkipCacheConfig", "ddpm_sigmas", "default_sigmas",
+    "GUIDANCE_KINDS", "SAMPLERS", "GuidedModel", "SampleResult", "SamplerSpec", "SkipCacheConfig", "ddpm_sigmas",
+    "default_sigmas",
     "flow_sigmas", "karras_sigmas", "sample",
     "WEIGHTINGS", "LossWeighting",
 ]

@@ -154,22 +154,25 @@ class Denoiser(nn.Module):
         return self.net.new_skip_cache(n_keep)
 
     def raw(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0,
-            skip_cache=None, reuse_cache: bool = False, hidden_at: int = 0) -> RawOutput:
+            skip_cache=None, reuse_cache: bool = False, hidden_at: int = 0,
+            path_drop: torch.Tensor | None = None) -> RawOutput:
         """F, the mask and (hidden_at > 0) the tapped tokens for sigma-space input x [B, C, H, W],
-        sigma [B]."""
+        sigma [B]. path_drop [B] bool: the samples whose sparse path a SPRINT network drops."""
         sigma = self._per_sample(sigma, x)
         _, _, c_in, c_noise = self.precond.scalings(sigma)
         extra = {"hidden_at": hidden_at} if hidden_at else {}  # networks without the argument keep working
+        if path_drop is not None:
+            extra["path_drop"] = path_drop
         out = self.net(x * column(c_in, x).to(x.dtype), c_noise, y, mask_ratio=mask_ratio,
                        skip_cache=skip_cache, reuse_cache=reuse_cache, **extra)
         return RawOutput(out.sample[:, : x.shape[1]], out.mask, getattr(out, "hidden", None),
                          getattr(out, "keep_ids", None))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, skip_cache=None,
-                reuse_cache: bool = False) -> torch.Tensor:
+                reuse_cache: bool = False, path_drop: torch.Tensor | None = None) -> torch.Tensor:
         """Denoised estimate D(x; sigma) [B, C, H, W] for sigma [B] or a scalar."""
         sigma = self._per_sample(sigma, x)
-        f = self.raw(x, sigma, y, skip_cache=skip_cache, reuse_cache=reuse_cache).sample
+        f = self.raw(x, sigma, y, skip_cache=skip_cache, reuse_cache=reuse_cache, path_drop=path_drop).sample
         c_skip, c_out, _, _ = self.precond.scalings(sigma)
         return column(c_skip, x) * x + column(c_out, x) * f.to(x.dtype)
 

@@ -230,19 +230,32 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: Opti
     return torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
 
 
+GUIDANCE_KINDS = ("cfg", "path_drop")
+"""How the weak branch of guidance is made: 'cfg', the null class (classifier-free guidance);
+'path_drop', the null class with a SPRINT network's sparse path dropped (path-drop guidance: the
+middle blocks do not run for that half, so a guided step costs about the dense blocks' share less)."""
+
+
 class GuidedModel:
     """model(x, sigma) for samplers: a Denoiser with labels, guidance and Skip-Cache.
 
-    denoiser(x, sigma, y, skip_cache=..., reuse_cache=...) -> D, with `num_classes` (the null label)
-    and, for Skip-Cache, `new_skip_cache(n_keep)`. guidance_scale s: D_uncond + s (D_cond -
-    D_uncond) on all channels; s = 1 runs the conditional half only. guidance_interval (lo, hi):
-    guide only where lo < sigma <= hi (Kynkaanniemi et al. 2024), conditional elsewhere.
-    guidance_channels k: guide the first k channels only (see `guide`).
+    denoiser(x, sigma, y, skip_cache=..., reuse_cache=..., path_drop=...) -> D, with `num_classes`
+    (the null label) and, for Skip-Cache, `new_skip_cache(n_keep)`. guidance_scale s: D_weak + s
+    (D_cond - D_weak) on all channels, D_weak from the null class (guidance 'cfg') or the null class
+    with the sparse path dropped (guidance 'path_drop', SPRINT networks); s = 1 runs the conditional
+    half only. guidance_interval (lo, hi): guide only where lo < sigma <= hi (Kynkaanniemi et al.
+    2024), conditional elsewhere. guidance_channels k: guide the first k channels only (see `guide`).
     """
 
     def __init__(self, denoiser, y: torch.Tensor, guidance_scale: float = 1.0,
                  guidance_interval: Optional[Tuple[float, float]] = None,
-                 skip_cache: Optional[SkipCacheConfig] = None, guidance_channels: Optional[int] = None):
+                 skip_cache: Optional[SkipCacheConfig] = None, guidance_channels: Optional[int] = None,
+                 guidance: str = "cfg"):
+        if guidance not in GUIDANCE_KINDS:
+            raise ValueError(f"guidance must be one of {', '.join(GUIDANCE_KINDS)}, got {guidance!r}")
+        if guidance == "path_drop" and getattr(getattr(denoiser, "net", None), "family", "") != "sprint":
+            raise ValueError("path-drop guidance needs a network with a droppable sparse path (a SPRINT model)")
+        self.kind = guidance
         if guidance_channels is not None and guidance_channels < 1:
             raise ValueError(f"guidance_channels must be >= 1, got {guidance_channels}")
         self.channels = guidance_channels
@@ -276,13 +289,16 @@ class GuidedModel:
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Denoised estimate for x [B, ...] at one sigma, guided and cached per the settings."""
         guided = self._guided(sigma)
+        extra = {}
         if guided:
             null = torch.full_like(self.y, self.denoiser.num_classes)
             xb, yb = torch.cat([x, x]), torch.cat([self.y, null])
+            if self.kind == "path_drop":  # the second half skips the sparse path
+                extra["path_drop"] = torch.arange(len(yb), device=yb.device) >= len(self.y)
         else:
             xb, yb = x, self.y
         full = self._full(sigma, xb.shape[0])
-        out = self.denoiser(xb, sigma, yb, skip_cache=self.cache, reuse_cache=not full)
+        out = self.denoiser(xb, sigma, yb, skip_cache=self.cache, reuse_cache=not full, **extra)
         if full:
             self.full_steps += 1
             self._since_full = 0
@@ -315,12 +331,13 @@ class SampleResult:
 def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, sampler: str = "heun",
            guidance_scale: float = 1.0, guidance_interval: Optional[Tuple[float, float]] = None,
            skip_cache: Optional[SkipCacheConfig] = None,
-           generator: Generators = None, guidance_channels: Optional[int] = None) -> SampleResult:
+           generator: Generators = None, guidance_channels: Optional[int] = None,
+           guidance: str = "cfg") -> SampleResult:
     """Generate from standard-normal noise [B, C, H, W] and labels y [B] on the grid `sigmas`.
 
     sampler: 'heun', 'euler', 'ddim' (= euler), 'ddpm' (ancestral; uses `generator`: one, or one
     per image for batch-independent results) or 'heun_t' (Heun in flow time; what 'heun' runs for a
-    flow-matching model). guidance_channels: see `guide`.
+    flow-matching model). guidance_channels: see `guide`; guidance: see GUIDANCE_KINDS.
     Pair 'heun' / 'euler' with karras_sigmas and 'ddpm' / 'ddim' with ddpm_sigmas as a rule;
     any decreasing grid ending in 0 works with any sampler. Put the network in eval() mode first:
     in train() mode it drops labels to the null class at random.
@@ -329,7 +346,7 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: tor
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0 or bool((sigmas[1:] >= sigmas[:-1]).any()):
         raise ValueError("sigmas must be a 1-D decreasing grid ending with 0")
-    model = GuidedModel(denoiser, y, guidance_scale, guidance_interval, skip_cache, guidance_channels)
+    model = GuidedModel(denoiser, y, guidance_scale, guidance_interval, skip_cache, guidance_channels, guidance)
     run = SAMPLERS[sampler].run
     if sampler == "heun" and getattr(getattr(denoiser, "precond", None), "name", "") == "flow":
         # Heun in the model's own ODE time: flow time t for a flow model (Heun in sigma needs 18
