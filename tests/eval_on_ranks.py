@@ -22,7 +22,6 @@ from model_zoo.registry import build_model
 from trainer.checkpoints import EMA_FILE, read_record
 from trainer.config import load_config
 from trainer.distributed import DistInfo, init_distributed, shutdown
-from trainer.training.checkpointer import RunState
 from trainer.training.data import build_latent_loader
 from trainer.training.ema import EMA
 from trainer.training.evaluator import build_evaluator
@@ -43,8 +42,7 @@ def evaluate(checkpoint: str, overrides: list, info: DistInfo, rng_seed: int = 1
                                  holdout_fraction=0.0 if cfg.data.val_shards else cfg.data.val_fraction)
     monitor = Monitor(cfg.monitor, cfg.run.run_dir(), info.rank, record.step, info.device, 1.0)
     evaluator = build_evaluator(cfg, info, ema, loader, monitor, record.step)
-    state = RunState(record.step, record.images_seen, train_flops=record.train_flops,
-                     train_seconds=record.train_seconds)
+    state = record.state
     torch.manual_seed(rng_seed)  # the evaluation must not depend on the global RNG: scramble it
     return evaluator.run(state, "eval", final=True)
 

@@ -100,8 +100,8 @@ def _train_each(runs: List[str]) -> int:
     from trainer.config import load_config
     from trainer.distributed import init_distributed, shutdown
     from trainer.training import task
-    from trainer.training.data import end_data_workers
     from trainer.training.faults import arm_faults
+    from trainer.training.shard_reader import end_data_workers
     from trainer.training.trainer import Trainer
 
     info = init_distributed()

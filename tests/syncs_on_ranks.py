@@ -32,8 +32,8 @@ READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "num
 COLLECTIVES = ["all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
                "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "broadcast_object_list",
                "all_to_all", "all_to_all_single", "barrier", "gather", "scatter"]
-HOST_SIDE = (os.path.join("trainer", "training", "data.py"), os.path.join("trainer", "training", "consensus.py"),
-             "data_tools" + os.sep)
+HOST_SIDE = tuple(os.path.join("trainer", "training", name) for name in ("data.py", "shard_reader.py", "batch.py",
+                                                                          "consensus.py")) + ("data_tools" + os.sep,)
 TORCH = os.path.dirname(torch.__file__)
 
 

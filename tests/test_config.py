@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import dry_run, main
+from trainer.cli import main
+from trainer.cli.train import dry_run
 from trainer.config import ConfigError, TrainConfig, load_config, to_deepspeed_json, validate
 from trainer.training.data import check_shards
 from trainer.training.engine import deepspeed_config

@@ -14,6 +14,7 @@ from trainer.checkpoints import (
     LATEST,
     CheckpointError,
     CheckpointRecord,
+    RunState,
     complete_tags,
     find_resume,
     make_tag,
@@ -98,8 +99,8 @@ def test_checkpoint_load_restores_the_ema_exactly(tmp_path):
             p.copy_(torch.randn_like(p))
     ema.updates = 7
     data = {"samples_seen": 56, "epoch": 0, "batches_in_epoch": 7, "skipped": 0}
-    record = CheckpointRecord(step=7, images_seen=56, world_size=1, model_name="tiny", model_kwargs={}, config={},
-                              dataset={}, ema_updates=ema.updates)
+    record = CheckpointRecord(state=RunState(step=7, images_seen=56), world_size=1, model_name="tiny",
+                              model_kwargs={}, config={}, dataset={}, ema_updates=ema.updates)
     path = save_checkpoint(_Engine(), ema, str(tmp_path), make_tag(7), record, data, 0, lambda: None)
     fresh = EMA(Tiny(), EMAConfig(), images_per_step=8)  # other random weights, no updates
     loaded, position = load_checkpoint(_Engine(), fresh, path, 0)

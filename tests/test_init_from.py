@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from model_zoo.registry import build_model
-from trainer.checkpoints import COMPLETE, CheckpointRecord, make_tag, read_network, write_export, write_record
+from trainer.checkpoints import COMPLETE, CheckpointRecord, RunState, make_tag, read_network, write_export, write_record
 from trainer.cli import main as train_main
 from trainer.config import ConfigError, config_from_dict
 from trainer.training.init_from import check_init_from, check_init_from_config, plan_init
@@ -97,7 +97,7 @@ def test_a_resuming_run_does_not_need_its_init_from_source(digits8, tmp_path):
         check_init_from_config(cfg, 2)
     path = Path(cfg.run.run_dir()) / "checkpoints" / make_tag(10)
     path.mkdir(parents=True)
-    write_record(str(path), CheckpointRecord(step=10, images_seen=160, world_size=2, model_name="m",
+    write_record(str(path), CheckpointRecord(state=RunState(step=10, images_seen=160), world_size=2, model_name="m",
                                              model_kwargs={}, config={}))
     (path / COMPLETE).write_text("")
     assert check_init_from_config(cfg, 2) is None

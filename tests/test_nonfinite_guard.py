@@ -40,7 +40,7 @@ def test_nan_on_one_rank_is_skipped_on_both_and_a_run_of_them_exits_3(digits8, t
     assert not (root / "step00000030").exists()
     state = json.loads((root / "step00000020" / STATE_FILE).read_text())
     # rank 0 saw only finite losses: its count comes from the flag both ranks reduce
-    assert state["nonfinite_skipped"] == 1 and state["images_seen"] == 20 * 16
+    assert state["state"]["nonfinite_skipped"] == 1 and state["state"]["images_seen"] == 20 * 16
     assert state["replica_checksums"][0] == state["replica_checksums"][1]
     tb = EventAccumulator(str(tmp_path / "runs" / "t" / "tb"))
     tb.Reload()

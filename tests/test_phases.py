@@ -108,7 +108,7 @@ def test_lr_schedule_from_the_config_and_its_checks():
 
     cfg = config_from_dict({"data": {"shards": "x"}, "run": {"total_steps": 101},
                             "optim": {"lr": 1e-3, "lr_schedule": "cosine", "min_lr": 1e-4}})
-    p = cfg.phase_plan()
+    p = PhasePlan.from_config(cfg)
     assert p.at(0).lr_scale == pytest.approx(1.0) and p.at(100).lr_scale == pytest.approx(0.1)
     assert p.at(50).lr_scale == pytest.approx(0.55)
     with pytest.raises(ConfigError, match=r"optim\.min_lr must be in \[0, optim\.lr 0\.001\], got 0\.01"):

@@ -51,7 +51,7 @@ def test_bf16_trains_resumes_exactly_exports_and_samples(stage, digits8, tmp_pat
         assert resumed[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-8), (step, resumed[step], ref[step])
 
     end = tmp_path / "full" / "t" / "checkpoints" / "step00000020"
-    assert (end / COMPLETE).exists() and json.loads((end / STATE_FILE).read_text())["step"] == 20
+    assert (end / COMPLETE).exists() and json.loads((end / STATE_FILE).read_text())["state"]["step"] == 20
     # the EMA came back with the weights (under ZeRO-3: each rank's shard of it)
     ema_full, ema_resumed = load_file(end / "ema.safetensors"), load_file(ckpts / "step00000020" / "ema.safetensors")
     assert set(ema_full) == set(ema_resumed)

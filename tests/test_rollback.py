@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE, CheckpointRecord, make_tag, write_record
+from trainer.checkpoints import COMPLETE, LATEST, STATE_FILE, CheckpointRecord, RunState, make_tag, write_record
 from trainer.training.checkpointer import checkpoint_before
 from trainer.training.stop import RunStopped
 
@@ -82,12 +82,13 @@ def test_a_streak_rolls_back_skips_its_data_and_finishes(digits8, tmp_path):
         assert math.isfinite(after_a[step])
 
     # saved right after the rollback: a crash before step 10 resumes past it, not into the divergence
-    after = json.loads((root / "step00000006" / STATE_FILE).read_text())
+    after = json.loads((root / "step00000006" / STATE_FILE).read_text())["state"]
     assert (after["step"], after["rollbacks"], after["lr_cut_until"]) == (6, 1, 9)
     end = root / "step00000016"
-    state = json.loads((end / STATE_FILE).read_text())
+    record = json.loads((end / STATE_FILE).read_text())
+    state = record["state"]
     assert (state["step"], state["images_seen"], state["rollbacks"], state["lr_cut_until"]) == (16, 16 * 32, 1, 9)
-    assert state["nonfinite_skipped"] == 3 and state["replica_checksums"][0] == state["replica_checksums"][1]
+    assert state["nonfinite_skipped"] == 3 and record["replica_checksums"][0] == record["replica_checksums"][1]
     ema_a = load_file(end / "ema.safetensors")
     ema_b = load_file(tmp_path / "b" / "t" / "checkpoints" / "step00000016" / "ema.safetensors")
     for key in ema_a:
@@ -118,7 +119,7 @@ def test_one_streak_more_than_allowed_stops_with_the_checkpoint_intact(digits8, 
     assert (f"mdt-train: stopped: 3 updates in a row with non-finite gradients in step 15: stopping after 1 "
             f"rollback; the last good checkpoint in {root} is intact") in proc.stderr, proc.stderr[-3000:]
     assert (root / LATEST).read_text() == "step00000010" and (root / "step00000010" / COMPLETE).exists()
-    state = json.loads((root / "step00000010" / STATE_FILE).read_text())
+    state = json.loads((root / "step00000010" / STATE_FILE).read_text())["state"]
     assert (state["step"], state["rollbacks"], state["nonfinite_skipped"]) == (10, 1, 3)
 
 
@@ -130,8 +131,8 @@ def test_a_rollback_goes_to_the_newest_checkpoint_from_before_the_trouble(tmp_pa
     for step, complete in ((5, True), (10, True), (15, False)):
         path = root / make_tag(step)
         path.mkdir(parents=True)
-        write_record(str(path), CheckpointRecord(step=step, images_seen=16 * step, world_size=2, model_name="m",
-                                                 model_kwargs={}, config={}))
+        write_record(str(path), CheckpointRecord(state=RunState(step=step, images_seen=16 * step), world_size=2,
+                                                 model_name="m", model_kwargs={}, config={}))
         if complete:
             (path / COMPLETE).write_text("")
     assert checkpoint_before(str(root), 16, 2) == str(root / "step00000010")

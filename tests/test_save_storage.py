@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoints import LATEST, CheckpointRecord, make_tag
+from trainer.checkpoints import LATEST, CheckpointRecord, RunState, make_tag
 from trainer.config.schema import EMAConfig
 from trainer.training import checkpointer as ckpt
 from trainer.training.checkpointer import SaveFailed, low_space_warning, save_checkpoint, storage_problem
@@ -43,8 +43,8 @@ class _FailingEngine:
 
 def _save(root: Path, error: BaseException, before=None, last_bytes=None):
     ema = EMA(torch.nn.Linear(2, 2), EMAConfig(), images_per_step=8)
-    record = CheckpointRecord(step=20, images_seen=160, world_size=1, model_name="tiny", model_kwargs={},
-                              config={}, dataset={})
+    record = CheckpointRecord(state=RunState(step=20, images_seen=160), world_size=1, model_name="tiny",
+                              model_kwargs={}, config={}, dataset={})
     return save_checkpoint(_FailingEngine(error, before), ema, str(root), make_tag(20), record, {"epoch": 0}, 0,
                            lambda: None, last_bytes=last_bytes)
 

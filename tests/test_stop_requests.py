@@ -43,7 +43,7 @@ def _start_long_run(digits8: str, tmp_path: Path):
 def _latest_step(root: Path) -> int:
     latest = (root / LATEST).read_text().strip()
     assert (root / latest / COMPLETE).exists()
-    return json.loads((root / latest / STATE_FILE).read_text())["step"]
+    return json.loads((root / latest / STATE_FILE).read_text())["state"]["step"]
 
 
 def test_stop_file_saves_on_a_step_boundary_and_the_rerun_resumes(digits8, tmp_path):

@@ -19,6 +19,7 @@ from trainer.checkpoints import (
     UNIVERSAL_SUFFIX,
     CheckpointError,
     CheckpointRecord,
+    RunState,
     for_world_size,
     network_weights,
     read_record,
@@ -145,7 +146,7 @@ def test_two_rank_zero2_checkpoint_resumes_on_one_rank(zero2_two_ranks):
     root = ckpt.parent
     for tag, images in (("step00000024-unmask", 384), ("step00000030", 480)):
         state = json.loads((root / tag / STATE_FILE).read_text())
-        assert (root / tag / COMPLETE).exists() and state["world_size"] == 1 and state["images_seen"] == images
+        assert (root / tag / COMPLETE).exists() and state["world_size"] == 1 and state["state"]["images_seen"] == images
     assert json.loads((root / "step00000030" / "data_rank0.json").read_text())["batches_in_epoch"] == 60
 
 
@@ -165,8 +166,8 @@ def test_resume_stops_when_the_loaded_weights_are_not_the_saved_ones(zero2_two_r
 
 def fake_record(**fields) -> CheckpointRecord:
     """A checkpoint record with placeholder values, the given fields set."""
-    base = dict(step=5, images_seen=80, world_size=1, model_name="MaskDiT-S/2", model_kwargs={}, config={},
-                dataset={})
+    base = dict(state=RunState(step=5, images_seen=80), world_size=1, model_name="MaskDiT-S/2", model_kwargs={},
+                config={}, dataset={})
     return CheckpointRecord(**{**base, **fields})
 
 
@@ -218,7 +219,8 @@ def test_a_stale_universal_copy_is_not_used_and_a_rewrite_removes_it(tmp_path):
         for_world_size(str(tag), 1)
     assert str(err.value) == (f"{uni} is stale (made from an earlier {tag}): remove it and rerun "
                               f"mdt-universal {tag}")
-    (uni / STATE_FILE).write_text(json.dumps({**state, "step": 4, "universal_from": str(tag)}))
+    older = {**state, "state": {**state["state"], "step": 4}, "universal_from": str(tag)}
+    (uni / STATE_FILE).write_text(json.dumps(older))
     with pytest.raises(CheckpointError, match="is stale"):
         for_world_size(str(tag), 1)
     (uni / STATE_FILE).unlink()

@@ -152,4 +152,4 @@ def test_a_frozen_rank_ends_the_job_with_the_last_checkpoint_intact(digits8, tmp
     assert "Thread" in text and "File " in text  # the stack dump
     latest = (root / LATEST).read_text().strip()
     assert (root / latest / COMPLETE).exists()
-    assert json.loads((root / latest / STATE_FILE).read_text())["step"] >= 10
+    assert json.loads((root / latest / STATE_FILE).read_text())["state"]["step"] >= 10

@@ -27,6 +27,7 @@ from .record import (
     CheckpointError,
     CheckpointNotFound,
     CheckpointRecord,
+    RunState,
     read_record,
     write_record,
 )
@@ -36,7 +37,8 @@ from .weights import NET_PREFIX, WEIGHT_KINDS, export_weights, network_weights, 
 __all__ = [
     "COMPLETE", "EMA_FILE", "LATEST", "PARTIAL_SUFFIX", "UNIVERSAL_SUFFIX", "complete_tags", "find_resume",
     "is_complete", "is_partitioned", "is_universal", "make_tag", "resolve_checkpoint", "rotate", "FORMAT_VERSION",
-    "STATE_FILE", "CheckpointError", "CheckpointNotFound", "CheckpointRecord", "read_record", "write_record",
+    "STATE_FILE", "CheckpointError", "CheckpointNotFound", "CheckpointRecord", "RunState", "read_record",
+    "write_record",
     "for_world_size", "to_universal", "NET_PREFIX", "WEIGHT_KINDS", "export_weights", "network_weights",
     "read_exported", "NetworkSource", "read_network", "write_export",
 ]

@@ -15,7 +15,7 @@ import re
 import shutil
 from typing import Optional
 
-from data_tools.format import write_text_atomic
+from data_tools.atomic import write_text_atomic
 
 from .layout import COMPLETE, EMA_FILE, PARTIAL_SUFFIX, UNIVERSAL_SUFFIX, complete_tags, is_partitioned, is_universal
 from .record import CheckpointError, CheckpointRecord, read_record, write_record

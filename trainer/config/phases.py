@@ -18,8 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
-if TYPE_CHECKING:  # the schema builds plans (TrainConfig.phase_plan): a runtime import would be circular
-    from .schema import PhasesConfig
+from .schema import PhasesConfig
+
+if TYPE_CHECKING:
+    from .schema import TrainConfig
 
 MASKED, UNMASK, FINAL = "masked", "unmask", "final_unmask"
 
@@ -50,7 +52,7 @@ class PhaseState:
 class PhasePlan:
     """The plan for one run; `at(step)` is cheap and pure."""
 
-    def __init__(self, cfg: "PhasesConfig", total_steps: int, warmup_steps: int = 0, lr_schedule: str = "constant",
+    def __init__(self, cfg: PhasesConfig, total_steps: int, warmup_steps: int = 0, lr_schedule: str = "constant",
                  min_lr_ratio: float = 0.0):
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"optim.lr_schedule: unknown schedule {lr_schedule!r}")
@@ -59,6 +61,14 @@ class PhasePlan:
         self.warmup_steps = warmup_steps
         self.lr_schedule, self.min_lr_ratio = lr_schedule, min_lr_ratio
         self.masked_end = total_steps - cfg.final_unmask_steps
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, total_steps: int | None = None) -> PhasePlan:
+        """The plan of a launch config: its phases, warm-up and lr schedule over run.total_steps (or
+        `total_steps`, e.g. a study's budget laid over another length)."""
+        o = cfg.optim
+        return cls(cfg.phases, cfg.run.total_steps if total_steps is None else total_steps, o.warmup_steps,
+                   o.lr_schedule, o.min_lr / o.lr if o.lr > 0 else 0.0)
 
     def _phase(self, step: int) -> Tuple[str, bool]:
         c = self.cfg

@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..diffusion import Denoiser, make_denoiser
-from .phases import PhasePlan
 
 
 class ConfigError(ValueError):
@@ -384,11 +383,6 @@ class TrainConfig:
                       class_dropout_prob=self.model.class_dropout_prob)
         kwargs.update(self.model.options)
         return kwargs
-
-    def phase_plan(self) -> PhasePlan:
-        """The step -> (mask ratio, lr scale, phase) plan of this run."""
-        return PhasePlan(self.phases, self.run.total_steps, self.optim.warmup_steps, self.optim.lr_schedule,
-                         self.optim.min_lr / self.optim.lr if self.optim.lr > 0 else 0.0)
 
 
 def plain(value: Any) -> Any:

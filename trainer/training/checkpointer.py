@@ -5,18 +5,18 @@ world size)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from deepspeed import DeepSpeedEngine
 from safetensors.torch import load_file, save_file
 
-from data_tools.format import write_text_atomic
+from data_tools.atomic import write_text_atomic
 
 from ..checkpoints import (
     COMPLETE,
@@ -26,6 +26,7 @@ from ..checkpoints import (
     UNIVERSAL_SUFFIX,
     CheckpointError,
     CheckpointRecord,
+    RunState,
     complete_tags,
     find_resume,
     for_world_size,
@@ -36,30 +37,13 @@ from ..checkpoints import (
     write_record,
 )
 from ..config import TrainConfig
-from ..config.phases import PhaseState
+from ..console import say, warn
 from ..distributed import barrier
 from .data import LatentLoader
 from .ema import EMA
 from .engine import replica_checksums
+from .run_control import StepEnd
 from .stop import RunStopped
-
-
-@dataclass
-class RunState:
-    """The run's counters, carried in checkpoints."""
-
-    step: int = 0
-    images_seen: int = 0
-    nonfinite_skipped: int = 0
-    train_flops: float = 0.0
-    """Training FLOPs spent so far, all ranks."""
-    train_seconds: float = 0.0
-    """Training wall time so far (evaluation and saves excluded)."""
-    rollbacks: int = 0
-    """Rollbacks after a divergence so far (trainer.training.recovery)."""
-    lr_cut_until: int = 0
-    """The last step at the lowered learning rate of the latest rollback."""
-
 
 FREE_SPACE_MARGIN = 1.5
 """Warn before a save when the checkpoint disk has less free space than this many times the size
@@ -294,35 +278,32 @@ class Checkpointer:
         self.last_bytes: Optional[int] = None  # the last checkpoint's size (rank 0), for the free-space check
         self._warned_space = False
 
-    def due(self, step: int, phase: PhaseState, stopping: bool) -> bool:
-        """Whether to save after the step just finished (1-based): every checkpoint.every steps, at
-        the end of an unmask-tuning phase, at the last step and when a stop was requested."""
-        return (phase.phase_end or step % self.cfg.checkpoint.every == 0 or step == self.cfg.run.total_steps
-                or stopping)
+    def due(self, end: StepEnd) -> bool:
+        """Whether to save after the step just finished: every checkpoint.every steps, at the end of
+        an unmask-tuning phase, at the last step, and when a stop or a rollback asks for a save."""
+        return end.phase.phase_end or end.step % self.cfg.checkpoint.every == 0 or end.last or end.save_now
 
     def save(self, state: RunState, phase_end: Optional[str]) -> str:
         """Save the run after `state.step` steps (every rank), then rotate old checkpoints (rank 0)."""
         sums = replica_checksums(self.engine.module.net)  # collective: every rank takes part
-        if self.rank == 0 and any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for s in sums for a, b in zip(s, sums[0])):
-            print(f"warning: data-parallel replicas hold different weights at step {state.step}: {sums}", flush=True)
+        if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for s in sums for a, b in zip(s, sums[0])):
+            warn(f"data-parallel replicas hold different weights at step {state.step}: {sums}")
         record = CheckpointRecord(
-            step=state.step, images_seen=state.images_seen, nonfinite_skipped=state.nonfinite_skipped,
-            train_flops=state.train_flops, train_seconds=state.train_seconds, rollbacks=state.rollbacks,
-            lr_cut_until=state.lr_cut_until, world_size=self.world_size, model_name=self.cfg.model.name,
+            state=dataclasses.replace(state), world_size=self.world_size, model_name=self.cfg.model.name,
             model_kwargs=self.model_kwargs,
             config=self.cfg.to_dict(), dataset=self.dataset, ema_updates=self.ema.updates, replica_checksums=sums,
             phase_end=phase_end)
         if self.rank == 0 and not self._warned_space:
             warning = low_space_warning(self.root, self.last_bytes)
             if warning:
-                print(warning, flush=True)
+                say(warning)
                 self._warned_space = True
         path = save_checkpoint(self.engine, self.ema, self.root, make_tag(state.step, phase_end), record,
                                self.loader.state_dict(), self.rank, last_bytes=self.last_bytes)
         if self.rank == 0:
             self.last_bytes = checkpoint_bytes(path)
             rotate(self.root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_phase_ends)
-            print(f"saved checkpoint {path}", flush=True)
+            say(f"saved checkpoint {path}")
         return path
 
     def latest_before(self, step: int) -> Optional[str]:
@@ -346,31 +327,26 @@ class Checkpointer:
         """Load a checkpoint's weights, optimizer and EMA for a rollback; the data stream stays where
         it is (the data since the checkpoint are skipped). The counters are the checkpoint's."""
         record, _, _ = self._load_checked(path)
-        return _state_of(record)
+        return record.state
 
     def resume(self, path: str) -> RunState:
         """Load a checkpoint, check that the weights are the saved ones, place the data stream."""
         record, data, want = self._load_checked(path)
         micro = self.cfg.data.micro_batch_size
         data, rescaled = resume_data_state(record, data, path, self.rank, self.world_size, micro, len(self.loader))
-        if rescaled and self.rank == 0:
+        if rescaled:
             was_micro = record.micro_batch_size() or micro
             was, now = f"a world of {record.world_size}", f"{self.world_size}"
             if was_micro != micro:
                 was, now = f"{was} with micro batches of {was_micro}", f"{now} with micro batches of {micro}"
-            print(f"warning: {path} was written by {was}, this run has {now}: the data stream restarts as drawn for "
-                  f"{self.world_size} at epoch {data['epoch']}, batch {data['batches_in_epoch']} (the same share of "
-                  "the epoch; the rest of this epoch is drawn afresh)", flush=True)
+            warn(f"{path} was written by {was}, this run has {now}: the data stream restarts as drawn for "
+                 f"{self.world_size} at epoch {data['epoch']}, batch {data['batches_in_epoch']} (the same share of the "
+                 "epoch; the rest of this epoch is drawn afresh)")
         if data:
             self.loader.load_state_dict(data)
         if self.rank == 0:
             self.last_bytes = checkpoint_bytes(path)
             checked = " (weights match the saved checksums)" if want else ""
-            print(f"resumed from {path} at step {record.step}{checked}, optimizer state: "
-                  f"{optimizer_state_summary(self.engine.optimizer)}", flush=True)
-        return _state_of(record)
-
-
-def _state_of(record: CheckpointRecord) -> RunState:
-    return RunState(record.step, record.images_seen, record.nonfinite_skipped, record.train_flops,
-                    record.train_seconds, record.rollbacks, record.lr_cut_until)
+            say(f"resumed from {path} at step {record.step}{checked}, optimizer state: "
+                f"{optimizer_state_summary(self.engine.optimizer)}")
+        return record.state

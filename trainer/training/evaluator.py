@@ -15,35 +15,46 @@ import hashlib
 import json
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_tools.format import Manifest, manifest_location, resolve_shards, write_text_atomic
+from data_tools.atomic import write_text_atomic
+from data_tools.manifest import Manifest, manifest_location, resolve_shards
 from data_tools.vae import load_autoencoder
 from model_zoo.inception import load_fid_inception
 
+from ..checkpoints import RunState
 from ..config import TrainConfig
-from ..config.phases import PhaseState
+from ..console import say, warn
 from ..distributed import DistInfo
 from ..evaluation import digits
 from ..evaluation.frechet import feature_stats, frechet_distance
 from ..evaluation.history import METRICS_FILE, parse_metrics
 from ..evaluation.images import load_images, load_reference_stats
-from .checkpointer import RunState
-from .data import LatentLoader, LoaderOptions, split_holdout
+from ..evaluation.registry import MetricSpec, guided, in_groups, line_text
+from ..sample.generate import SampleSettings
+from .batch import LoaderOptions
+from .data import LatentLoader, split_holdout
 from .ema import EMA
 from .eval_work import generate_features, latent_decoder, reference_features, validation_loss
 from .monitor import Monitor
+from .run_control import StepEnd
 from .stop import RunStopped
 
-
-def guided(name: str, scale: float) -> str:
-    """A metric's name at a guidance scale: NAME at 1, NAME@gSCALE otherwise."""
-    return name if scale == 1 else f"{name}@g{scale:g}"
+Features = Dict[str, np.ndarray]
+Stats = Tuple[np.ndarray, np.ndarray]
+IMAGE_METRICS: Dict[str, Callable[[Features, np.ndarray, Dict[str, Stats]], float]] = {
+    "digits_fd": lambda feats, labels, refs: frechet_distance(*feature_stats(feats["digits_feat"]), *refs["digits_fd"]),
+    "digits_acc": lambda feats, labels, refs: float((feats["digits_pred"] == labels).mean()),
+    "fid": lambda feats, labels, refs: frechet_distance(*feature_stats(feats["inception"]), *refs["fid"]),
+}
+"""How the run measures each registry metric of generated images (trainer.evaluation.registry's
+metrics with an image-set function): from the features of the images, dealt over the ranks
+(featurizers set up by the Evaluator), their labels and the reference statistics."""
 
 
 def first_samples(urls: List[str], manifest: Manifest, count: int,
@@ -53,10 +64,10 @@ def first_samples(urls: List[str], manifest: Manifest, count: int,
     opts = LoaderOptions(batch_size=batch_size, num_workers=0, resampled=False, shuffle_buffer=0, hflip=False,
                          sample_posterior=False)
     xs, ys, got = [], [], 0
-    for z, y in LatentLoader(urls, manifest, 0, 1, opts):
-        xs.append(z)
-        ys.append(y)
-        got += len(y)
+    for batch in LatentLoader(urls, manifest, 0, 1, opts):
+        xs.append(batch.latents)
+        ys.append(batch.labels)
+        got += len(batch)
         if got >= count:
             break
     if not xs:
@@ -67,9 +78,10 @@ def first_samples(urls: List[str], manifest: Manifest, count: int,
 class Evaluator:
     """The run's evaluations: `due` says when, `run` measures (every rank) and reports (rank 0)."""
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, ema: EMA, manifest: Manifest, manifest_dir: str,
-                 train_urls: List[str], val: Optional[Tuple[List[str], Manifest]], monitor: Monitor, resumed_step: int):
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, ema: EMA, *, manifest: Manifest, manifest_dir: str,
+                 train_urls: List[str], val: Tuple[List[str], Manifest] | None, monitor: Monitor, resumed_step: int):
         self.cfg, self.dist, self.ema, self.manifest, self.monitor = cfg, dist_info, ema, manifest, monitor
+        self.image_metrics: List[MetricSpec] = [s for s in in_groups(cfg.eval.metrics) if s.function is not None]
         self.enabled = cfg.eval.every > 0
         self.seconds = 0.0
         self.path = os.path.join(cfg.run.run_dir(), METRICS_FILE)
@@ -109,9 +121,10 @@ class Evaluator:
         if self.enabled and self.dist.rank == 0:
             keep_records_through(self.path, step)
 
-    def due(self, step: int, phase: PhaseState, last: bool) -> bool:
-        """Whether to evaluate after the step just finished (1-based)."""
-        return self.enabled and (step % self.cfg.eval.every == 0 or phase.phase_end or last)
+    def due(self, end: StepEnd) -> bool:
+        """Whether to evaluate after the step just finished: every eval.every steps, at the end of
+        an unmask-tuning phase and at the end of the run."""
+        return self.enabled and (end.step % self.cfg.eval.every == 0 or end.phase.phase_end or end.last)
 
     def final_missing(self, step: int) -> bool:
         """Whether a run that is at its end (resumed there, after a crash between its last save and
@@ -143,21 +156,20 @@ class Evaluator:
         e = self.cfg.eval
         metrics: Dict[str, float] = {}
         if self.val is not None:
-            per_level = validation_loss(denoiser, self.val[0], self.val[1], e.val_sigmas, e.batch_size, rank, world,
-                                        e.seed, device)
+            per_level = validation_loss(denoiser, self.val[0], self.val[1], sigmas=e.val_sigmas,
+                                        batch_size=e.batch_size, seed=e.seed, rank=rank, world_size=world,
+                                        device=device)
             metrics["val_loss"] = float(per_level.mean())
             metrics.update({f"val_loss/sigma={s:g}": float(v) for s, v in zip(e.val_sigmas, per_level)})
         for scale in e.guidance_scales if self.featurizers else []:
-            features, labels = generate_features(denoiser, e.num_images, e.batch_size, rank, world, self.latent_shape,
-                                                 self.manifest.num_classes, e.seed, e.sampler, e.steps, scale,
-                                                 e.skip_cache, self.to_images, self.featurizers, device)
-            if "digits_feat" in features:
-                ref = self.references["digits_fd"]
-                metrics[guided("digits_fd", scale)] = frechet_distance(*feature_stats(features["digits_feat"]), *ref)
-                metrics[guided("digits_acc", scale)] = float((features["digits_pred"] == labels).mean())
-            if "inception" in features:
-                metrics[guided("fid", scale)] = frechet_distance(*feature_stats(features["inception"]),
-                                                                 *self.references["fid"])
+            settings = SampleSettings(sampler=e.sampler, steps=e.steps, guidance_scale=scale,
+                                      skip_cache_interval=e.skip_cache, batch_size=e.batch_size, seed=e.seed)
+            features, labels = generate_features(denoiser, settings, count=e.num_images,
+                                                 latent_shape=self.latent_shape, num_classes=self.manifest.num_classes,
+                                                 to_images=self.to_images, featurizers=self.featurizers, rank=rank,
+                                                 world_size=world, device=device)
+            for spec in self.image_metrics:
+                metrics[guided(spec.name, scale)] = IMAGE_METRICS[spec.name](features, labels, self.references)
         return metrics
 
     # ------------------------------------------------------------------------- reporting
@@ -175,14 +187,12 @@ class Evaluator:
             self.monitor.scalar(f"eval/{name}", value, state.step)
         self.monitor.scalar("eval/seconds", seconds, state.step)
         self.monitor.scalar("eval/time_share", share, state.step)
-        shown = " | ".join(f"{k} {v:.2%}" if "acc" in k else f"{k} {v:.4g}" for k, v in metrics.items()
-                           if "/" not in k)
-        print(f"eval step {state.step}: {shown} ({seconds:.1f}s, evaluation {share:.0%} of the wall time)",
-              flush=True)
+        shown = " | ".join(f"{k} {line_text(k, v)}" for k, v in metrics.items() if "/" not in k)
+        say(f"eval step {state.step}: {shown} ({seconds:.1f}s, evaluation {share:.0%} of the wall time)")
 
     # ------------------------------------------------------------------------- inputs
 
-    def _decoder(self) -> Optional[nn.Module]:
+    def _decoder(self) -> nn.Module | None:
         """The dataset's VAE for latent data (None for pixels)."""
         encoder = self.manifest.encoder or {}
         if encoder.get("kind") != "vae":
@@ -216,8 +226,9 @@ class Evaluator:
             with np.load(path) as data:
                 return data["mu"], data["sigma"]
         latents, _ = first_samples(train_urls, self.manifest, e.fid_reference_images, e.batch_size)
-        feats = reference_features(latents, e.batch_size, self.dist.rank, self.dist.world_size, self.to_images,
-                                   lambda images: self._inception(inception, images), self.dist.device)
+        feats = reference_features(latents, batch_size=e.batch_size, to_images=self.to_images,
+                                   featurize=lambda images: self._inception(inception, images), rank=self.dist.rank,
+                                   world_size=self.dist.world_size, device=self.dist.device)
         mu, sigma = feature_stats(feats)
         if self.dist.rank == 0:
             try:
@@ -225,8 +236,8 @@ class Evaluator:
                 np.savez(tmp, mu=mu, sigma=sigma, count=len(feats))
                 os.replace(tmp, path)
             except OSError as err:
-                print(f"warning: cannot cache the FID reference statistics at {path} ({err}); they are "
-                      "recomputed at every start", flush=True)
+                warn(f"cannot cache the FID reference statistics at {path} ({err}); they are recomputed at every "
+                     "start")
         return mu, sigma
 
 
@@ -244,7 +255,7 @@ def keep_records_through(path: str, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
-def reference_stats_path(manifest_dir: str, manifest: Manifest, count: int, weights: Optional[str]) -> str:
+def reference_stats_path(manifest_dir: str, manifest: Manifest, count: int, weights: str | None) -> str:
     """Where the FID statistics of `count` training samples are cached: beside the manifest, named
     by what they depend on (samples, data, decoding, the Inception weights file)."""
     weights = weights or os.environ.get("MDT_INCEPTION_WEIGHTS", "")
@@ -260,7 +271,8 @@ def build_evaluator(cfg: TrainConfig, dist_info: DistInfo, ema: EMA, loader: Lat
     held-out ones (data.val_shards, or the data.val_fraction share held out from training)."""
     d = cfg.data
     if not cfg.eval.every:
-        return Evaluator(cfg, dist_info, ema, loader.manifest, "", [], None, monitor, resumed_step)
+        return Evaluator(cfg, dist_info, ema, manifest=loader.manifest, manifest_dir="", train_urls=[], val=None,
+                         monitor=monitor, resumed_step=resumed_step)
     urls, manifest = resolve_shards(d.shards, d.manifest)
     holdout = 0.0 if d.val_shards else d.val_fraction
     train_urls = split_holdout(urls, holdout, "train") if holdout else urls
@@ -270,4 +282,5 @@ def build_evaluator(cfg: TrainConfig, dist_info: DistInfo, ema: EMA, loader: Lat
     elif holdout:
         val = (split_holdout(urls, holdout, "holdout"), manifest)
     where = os.path.dirname(os.path.abspath(manifest_location(d.shards, d.manifest)))
-    return Evaluator(cfg, dist_info, ema, manifest, where, train_urls, val, monitor, resumed_step)
+    return Evaluator(cfg, dist_info, ema, manifest=manifest, manifest_dir=where, train_urls=train_urls, val=val,
+                     monitor=monitor, resumed_step=resumed_step)

@@ -23,6 +23,7 @@ from typing import Callable, List, Optional
 
 from deepspeed import DeepSpeedEngine
 
+from ..console import say
 from . import task
 
 ENV = "MDT_FAULTS"
@@ -152,5 +153,5 @@ def arm_faults(rank: int, spec: Optional[str] = None) -> List[Fault]:
     for fault in mine:
         _install(fault)
     if mine:
-        print(f"rank {rank}: {ENV} armed: {'; '.join(f.describe() for f in mine)}", flush=True)
+        say(f"rank {rank}: {ENV} armed: {'; '.join(f.describe() for f in mine)}", every_rank=True)
     return mine

@@ -12,7 +12,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from data_tools.format import DataToolsError, resolve_shards
+from data_tools.format import DataToolsError
+from data_tools.manifest import resolve_shards
 from model_zoo.registry import build_model
 
 from ..checkpoints import CheckpointError, NetworkSource, read_network

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from typing import Callable, Dict
 
@@ -16,8 +15,10 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.tensorboard import SummaryWriter
 
 from ..config import MonitorConfig
+from ..console import say
 from ..diffusion import LossOutput
 from ..progress import format_eta
+from .run_control import StepEnd
 
 try:
     import resource  # POSIX only: the CPU memory figure
@@ -69,9 +70,9 @@ class Monitor:
         self._reset()
         self._window_start = self._clock()
 
-    def due(self, step: int) -> bool:
-        """Whether the step just finished (1-based) is a log step: every log_every, and the last."""
-        return step % self.cfg.log_every == 0 or step == self.total_steps
+    def due(self, end: StepEnd) -> bool:
+        """Whether the step just finished is a log step: every monitor.log_every, and the last."""
+        return end.step % self.cfg.log_every == 0 or end.last
 
     def record(self, out: LossOutput) -> None:
         """Add one micro-batch's per-sample losses to the current step's (stays on the device)."""
@@ -130,12 +131,12 @@ class Monitor:
                     if cnt:
                         self.writer.add_scalar(f"loss_by_sigma/{name}", total / cnt, step)
                 self.writer.flush()
-            self._print(step, metrics, elapsed, phase)
+            self._progress_line(step, metrics, elapsed, phase)
         self._reset()
         self._window_start = self._clock()
         return metrics
 
-    def _print(self, step: int, m: Dict[str, float], elapsed: float, phase: str) -> None:
+    def _progress_line(self, step: int, m: Dict[str, float], elapsed: float, phase: str) -> None:
         rate = elapsed / max(1, self._steps)
         eta = format_eta((self.total_steps - step) * rate)
         align = f" align {m['loss_align']:.3f}" if m.get("loss_align") else ""
@@ -144,7 +145,7 @@ class Monitor:
                 f"lr {m.get('lr', 0):.2e} | gnorm {m.get('grad_norm', float('nan')):.3f} | "
                 f"{m['images_per_s']:.1f} img/s | MFU {m['mfu']:.1%} | data {m['data_wait_share']:.0%} | "
                 f"ETA {eta}")
-        print(line, flush=True, file=sys.stdout)
+        say(line)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """Log one scalar to TensorBoard (rank 0), e.g. an evaluation's result."""

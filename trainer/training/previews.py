@@ -10,13 +10,15 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from data_tools.format import Manifest
+from data_tools.manifest import Manifest
 from data_tools.vae import load_autoencoder
 
 from ..config import TrainConfig
+from ..console import warn
 from ..sample.preview import decode_latents, make_grid, preview_grid, save_png
 from .ema import EMA
 from .monitor import Monitor
+from .run_control import StepEnd
 
 
 class SampleGrids:
@@ -29,11 +31,11 @@ class SampleGrids:
         self._vae: Optional[nn.Module] = None
         self._vae_tried = False
 
-    def due(self, step: int) -> bool:
-        """Whether a grid follows the step just finished (1-based): every monitor.sample_every steps
-        before the last (the final grid comes after the loop)."""
+    def due(self, end: StepEnd) -> bool:
+        """Whether a grid follows the step just finished: every monitor.sample_every steps before the
+        last (the final grid comes after the loop)."""
         every = self.cfg.monitor.sample_every
-        return bool(every) and step % every == 0 and step != self.cfg.run.total_steps
+        return bool(every) and end.step % every == 0 and not end.last
 
     def make(self, step: int) -> str:
         """Sample a grid from the EMA weights, log it and write it as PNG; returns the path."""
@@ -56,6 +58,6 @@ class SampleGrids:
             vae = load_autoencoder(encoder.get("id", ""), torch.float32)
             self._vae = vae.eval().requires_grad_(False).to(self.device)
         except Exception as err:  # noqa: BLE001 - a grid is worth a warning, not the run
-            print(f"warning: sample grids show latent channels: the dataset's VAE {encoder.get('id')!r} does not "
-                  f"load ({' '.join(str(err).split())[:200]})", flush=True)
+            warn(f"sample grids show latent channels: the dataset's VAE {encoder.get('id')!r} does not load "
+                 f"({' '.join(str(err).split())[:200]})")
         return self._vae

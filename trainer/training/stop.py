@@ -28,12 +28,16 @@ class StopRequested(RunStopped):
 
 
 class StopFlag:
-    """Set by SIGTERM, SIGUSR1 or a first SIGINT (preemption, scancel, Ctrl-C) or by the stop file:
-    finish the current step, save a checkpoint and exit. A second SIGINT interrupts at once."""
+    """Set by SIGTERM, SIGUSR1 or a first SIGINT (preemption, scancel, Ctrl-C) once `install`ed, or
+    by the stop file: finish the current step, save a checkpoint and exit. A second SIGINT
+    interrupts at once."""
 
     def __init__(self, stop_file: str):
         self.stop_file = stop_file
         self.reason = ""
+
+    def install(self) -> None:
+        """Take over the stop signals from now on (before, they end the process as usual)."""
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(sig, self._handle)

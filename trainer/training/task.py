@@ -17,6 +17,7 @@ from torch import nn
 from model_zoo.registry import build_model
 
 from ..config import TrainConfig
+from ..config.flops import align_head_flops_per_token
 from ..diffusion import Alignment, LossOutput, LossWeighting, make_sigma_sampler, training_losses
 
 
@@ -41,8 +42,9 @@ class AlignHead(nn.Module):
         return self.mlp(tokens)
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward = 3 x 2 x the multiply-adds)."""
-        return 6.0 * sum(layer.in_features * layer.out_features for layer in self.mlp if isinstance(layer, nn.Linear))
+        """Training FLOPs per token (forward + backward), by the run's one count."""
+        first, middle, last = (layer for layer in self.mlp if isinstance(layer, nn.Linear))
+        return align_head_flops_per_token(first.in_features, middle.in_features, last.out_features)
 
 
 def tokens_from_grid(features: torch.Tensor, grid: int) -> torch.Tensor:
