@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -45,7 +45,7 @@ def synthetic_latents(n: int, num_classes: int, channels: int, size: int, g: tor
     return base[y] * 0.5 + 0.1 * torch.randn(n, channels, size, size, generator=g), y
 
 
-def train_briefly(den: Denoiser, steps: int, batch: int, num_classes: int, g: torch.Generator) -> Optional[float]:
+def train_briefly(den: Denoiser, steps: int, batch: int, num_classes: int, g: torch.Generator) -> float | None:
     """A few AdamW steps of the MaskDiT objective at mask ratio 0; returns the last loss."""
     if steps == 0:  # randomise instead, so the network is not the identity
         with torch.no_grad():
@@ -65,7 +65,7 @@ def train_briefly(den: Denoiser, steps: int, batch: int, num_classes: int, g: to
     return float(loss.detach())
 
 
-def timed(den: Denoiser, noise, y, sampler: str, sigmas, cfg_scale: float, cache: Optional[SkipCacheConfig]):
+def timed(den: Denoiser, noise, y, sampler: str, sigmas, cfg_scale: float, cache: SkipCacheConfig | None):
     """(wall s, process CPU s) of one sampling run and its result (fixed seeds: repeats are identical).
 
     CPU time is reported too because it is far less disturbed than wall time by other jobs on a
@@ -77,7 +77,7 @@ def timed(den: Denoiser, noise, y, sampler: str, sigmas, cfg_scale: float, cache
     return (time.perf_counter() - start, time.process_time() - start_cpu), result
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: List[str] | None = None) -> None:
     """Parse arguments, train briefly, sample with each setting and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="DiT-S/2", help="registry name (built with skip=True)")

@@ -14,7 +14,7 @@ import os
 import re
 import statistics
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 
 def step_rows(text: str) -> List[Dict[str, str]]:
@@ -28,18 +28,18 @@ def step_rows(text: str) -> List[Dict[str, str]]:
     return rows
 
 
-def peak(text: str) -> Optional[str]:
+def peak(text: str) -> str | None:
     found = re.search(r"matmul peak: ([\d.]+) TFLOP/s", text)
     return found.group(1) if found else None
 
 
-def trainer_images_per_s(text: str) -> Optional[float]:
+def trainer_images_per_s(text: str) -> float | None:
     """Median of the logged img/s after the first log line (which holds start-up and the warm-up)."""
     values = [float(v) for v in re.findall(r"\| ([\d.]+) img/s \|", text)]
     return statistics.median(values[1:]) if len(values) > 1 else None
 
 
-def sample_seconds(text: str) -> Optional[float]:
+def sample_seconds(text: str) -> float | None:
     found = re.search(r"steps in ([\d.]+)s", text)
     return float(found.group(1)) if found else None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ class SkipCache:
             raise ValueError(f"skip cache n_keep must be in [1, {depth // 2}] for depth {depth}, got {n_keep}")
         self.n_keep = n_keep
         self.depth = depth
-        self.feature: Optional[torch.Tensor] = None
+        self.feature: torch.Tensor | None = None
         self.full_calls = 0
         self.cached_calls = 0
         self.blocks_run = 0
@@ -43,7 +43,7 @@ class BlockStack(nn.Module):
     """
 
     def __init__(self, depth: int, hidden_size: int, num_heads: int, mlp_ratio: float, skip: bool,
-                 cond_dim: Optional[int] = None):
+                 cond_dim: int | None = None):
         super().__init__()
         self.depth = depth
         self.skip = skip
@@ -71,7 +71,7 @@ class BlockStack(nn.Module):
         return self.fusions[i - first_deep](x, skips[self.depth - 1 - i])
 
     def run_range(self, x: torch.Tensor, c: torch.Tensor, start: int, end: int,
-                  tap: Optional[List[torch.Tensor]] = None, tap_after: int = 0) -> torch.Tensor:
+                  tap: List[torch.Tensor] | None = None, tap_after: int = 0) -> torch.Tensor:
         """Run blocks [start, end) on tokens x [B, K, D] (any token count K) with conditioning c.
 
         Token-sparse networks split the stack where their token set changes. tap / tap_after=k as
@@ -88,8 +88,8 @@ class BlockStack(nn.Module):
                 tap.append(x)
         return x
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: Optional[SkipCache] = None,
-                reuse_cache: bool = False, tap: Optional[List[torch.Tensor]] = None,
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: SkipCache | None = None,
+                reuse_cache: bool = False, tap: List[torch.Tensor] | None = None,
                 tap_after: int = 0) -> torch.Tensor:
         """Run the stack on tokens x [B, N, D] with conditioning c [B, cond_dim].
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, Tuple
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         mask_ratio: float = 0.0,
-        skip_cache: Optional[SkipCache] = None,
+        skip_cache: SkipCache | None = None,
         reuse_cache: bool = False,
         hidden_at: int = 0,
     ) -> ModelOutput:
@@ -120,7 +120,7 @@ class DiT(nn.Module):
         if mask_ratio != 0:
             raise ValueError(f"DiT does not mask tokens (mask_ratio={mask_ratio}); use a MaskDiT model")
         tokens, c = self.embed(x, t, y)
-        tap: Optional[list] = [] if hidden_at else None
+        tap: list | None = [] if hidden_at else None
         h = self.blocks(tokens, c, skip_cache, reuse_cache, tap, hidden_at)
         out = self.final_layer(h, c)
         return ModelOutput(unpatchify(out, self.patch_size, self.out_channels, self.grid_size), None,

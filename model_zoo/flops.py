@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.utils import flop_counter
@@ -47,7 +47,7 @@ def count_flops(
     batch_size: int = 1,
     mask_ratio: float = 0.0,
     backward: bool = False,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> int:
     """FLOPs (multiply-add = 2) of one forward, or forward + backward, of a registry network.
 
@@ -65,6 +65,32 @@ def count_flops(
         out = model(x, t, y, **kwargs).sample
         if backward:
             out.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def sampling_flops(model: torch.nn.Module, *, path_drop: bool = False, skip_keep: int | None = None) -> int:
+    """FLOPs of one image's forward at sampling (eval mode, no gradients): the whole network; with
+    path_drop, a SPRINT network with its sparse path dropped (path-drop guidance's weak branch);
+    with skip_keep, a Skip-Cache reuse step that runs only the first and last skip_keep blocks.
+    Best on a model built on the meta device (shapes only)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.rand(1, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    kwargs: Dict = {"path_drop": True} if path_drop else {}
+    if skip_keep is not None:
+        cache = model.new_skip_cache(skip_keep)
+        model(x, t, y, skip_cache=cache)  # the refresh step fills the cache (not counted)
+        kwargs.update(skip_cache=cache, reuse_cache=True)
+    counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
+    try:
+        with counter, attention_backend("sdpa"):
+            model(x, t, y, **kwargs)
+    finally:
+        model.train(was_training)
     return counter.get_total_flops()
 
 
@@ -92,7 +118,7 @@ class FlopsPerImage:
         return self._cache[key]
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     """CLI: print forward and training-step GFLOPs per sample for registry models."""
     parser = argparse.ArgumentParser(prog="mdt-flops", description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help=f"registry names, e.g. DiT-XL/2 (choices: {', '.join(MODELS)})")

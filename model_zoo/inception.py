@@ -22,7 +22,7 @@ pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` and torch-fidelity's
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -235,7 +235,7 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))  # pool_3: the graph's 8x8 average pool over the whole map
 
 
-def resolve_weights(path: Optional[str] = None) -> str:
+def resolve_weights(path: str | None = None) -> str:
     """The weights file: `path`, else $MDT_INCEPTION_WEIGHTS; InceptionWeightsError if neither exists."""
     path = path or os.environ.get(WEIGHTS_ENV)
     hint = (f"pass --inception PATH or set ${WEIGHTS_ENV} to a local copy of {WEIGHTS_NAME} "
@@ -278,8 +278,8 @@ def load_state(model: FIDInceptionV3, state: Dict[str, torch.Tensor], where: str
     model.load_state_dict(state, strict=False)
 
 
-def load_fid_inception(path: Optional[str] = None,
-                       device: Union[str, torch.device] = "cpu") -> FIDInceptionV3:
+def load_fid_inception(path: str | None = None,
+                       device: str | torch.device = "cpu") -> FIDInceptionV3:
     """The FID Inception network with weights from `path` or $MDT_INCEPTION_WEIGHTS, in eval mode."""
     weights = resolve_weights(path)
     model = FIDInceptionV3()

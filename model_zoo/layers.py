@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ class ModelOutput(NamedTuple):
     """
 
     sample: torch.Tensor
-    mask: Optional[torch.Tensor]
-    hidden: Optional[torch.Tensor] = None
-    keep_ids: Optional[torch.Tensor] = None
+    mask: torch.Tensor | None
+    hidden: torch.Tensor | None = None
+    keep_ids: torch.Tensor | None = None
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -199,7 +199,7 @@ class AdaLNBlock(nn.Module):
     encoder-width embedding).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: Optional[int] = None):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
@@ -230,7 +230,7 @@ class SkipFusion(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm + linear projection of each token to its patch of outputs."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cond_dim: Optional[int] = None):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, cond_dim: int | None = None):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
@@ -283,7 +283,7 @@ def canonical_mask_ratio(num_tokens: int, mask_ratio: float) -> float:
 
 
 def random_token_mask(
-    batch: int, num_tokens: int, mask_ratio: float, device: torch.device, generator: Optional[torch.Generator] = None
+    batch: int, num_tokens: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
 ) -> TokenMask:
     """Draw a per-sample random permutation (argsort of uniform noise) and keep its first K tokens."""
     keep = kept_token_count(num_tokens, mask_ratio)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ class MaskDiT(DiT):
         t: torch.Tensor,
         y: torch.Tensor,
         mask_ratio: float = 0.0,
-        skip_cache: Optional[SkipCache] = None,
+        skip_cache: SkipCache | None = None,
         reuse_cache: bool = False,
         hidden_at: int = 0,
     ) -> ModelOutput:
@@ -103,7 +103,7 @@ class MaskDiT(DiT):
             tokens = gather_tokens(tokens, token_mask.ids_keep)
         elif mask_ratio < 0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        tap: Optional[list] = [] if hidden_at else None
+        tap: list | None = [] if hidden_at else None
         h = self.blocks(tokens, c, skip_cache, reuse_cache, tap, hidden_at)
         h = self.decoder_layer(h, c) if self.decoder_embed_kind == "adaln" else self.decoder_embed(h)
         batch, kept, width = h.shape

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import torch
 
@@ -90,7 +90,7 @@ def _check_table(sd: Mapping[str, torch.Tensor], key: str, width: int, grid: int
                            f"grid that this network uses")
 
 
-def _heads(width: int, given: Optional[int], table: Dict[int, int], what: str) -> int:
+def _heads(width: int, given: int | None, table: Dict[int, int], what: str) -> int:
     if given:
         return given
     if width in table:
@@ -143,7 +143,7 @@ def _done(out: Dict[str, torch.Tensor], leftover: set, layout: str) -> None:
                            f"{', '.join(sorted(leftover)[:5])}")
 
 
-def convert_dit(sd: Dict[str, torch.Tensor], layout: str = "dit", num_heads: Optional[int] = None) -> Release:
+def convert_dit(sd: Dict[str, torch.Tensor], layout: str = "dit", num_heads: int | None = None) -> Release:
     """A DiT or SiT release (bare state_dict) as our DiT."""
     if layout not in ("dit", "sit"):
         raise ReleaseError(f"convert_dit takes the dit or sit layout, not {layout!r}")
@@ -167,8 +167,8 @@ def convert_dit(sd: Dict[str, torch.Tensor], layout: str = "dit", num_heads: Opt
     return Release(layout, _size_name("DiT", hidden, dims["depth"], dims["patch"]), kwargs, out)
 
 
-def convert_maskdit(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None,
-                    decoder_num_heads: Optional[int] = None) -> Release:
+def convert_maskdit(sd: Dict[str, torch.Tensor], num_heads: int | None = None,
+                    decoder_num_heads: int | None = None) -> Release:
     """A MaskDiT release (its EDMPrecond state_dict without the `model.` prefix) as our MaskDiT with
     decoder_embed='adaln'."""
     out: Dict[str, torch.Tensor] = {}
@@ -206,8 +206,8 @@ def convert_maskdit(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None
     return Release("maskdit", _size_name("MaskDiT", hidden, dims["depth"], dims["patch"]), kwargs, out)
 
 
-def convert_release(obj: Any, layout: Optional[str] = None, num_heads: Optional[int] = None,
-                    decoder_num_heads: Optional[int] = None) -> Release:
+def convert_release(obj: Any, layout: str | None = None, num_heads: int | None = None,
+                    decoder_num_heads: int | None = None) -> Release:
     """Any loaded release file as our network's weights. `layout` 'sit' marks a DiT-layout file as
     SiT's (the weights cannot tell); 'dit' / 'maskdit' insist on that layout."""
     if layout is not None and layout not in LAYOUTS:

@@ -56,10 +56,13 @@ class SprintDiT(TokenSparseDiT):
         super().initialize_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def _draw_path_drop(self, path_drop: torch.Tensor | None, batch: int,
-                        device: torch.device) -> torch.Tensor | None:
-        """The samples [B] (bool) whose sparse path is dropped this call, or None for none."""
-        if path_drop is not None:
+    def _draw_path_drop(self, path_drop: torch.Tensor | bool | None, batch: int,
+                        device: torch.device) -> torch.Tensor | bool | None:
+        """The samples [B] (bool) whose sparse path is dropped this call, True for all of them, or
+        None for none."""
+        if path_drop is True:
+            return True
+        if path_drop is not None and path_drop is not False:
             if tuple(path_drop.shape) != (batch,):
                 raise ValueError(f"path_drop must have shape [{batch}], got {list(path_drop.shape)}")
             return path_drop.to(device=device, dtype=torch.bool)
@@ -84,6 +87,8 @@ class SprintDiT(TokenSparseDiT):
         ids_restore = None if token_mask is None else token_mask.ids_restore
         start, end = self.sparse_start, self.sparse_end
         tapped_here = tap is not None and self.in_sparse_part(hidden_at)
+        if drop is True:  # the whole batch drops its sparse path: the middle blocks do not run at all
+            return self.mask_token.to(dense.dtype).expand_as(dense)                  # [B, N, D]
         if drop is not None and not self.training and not tapped_here:
             # Forced drop at sampling (path-drop guidance's weak branch): the middle runs only for
             # the samples that keep their sparse path, not at all when none does. That saving is
@@ -112,14 +117,15 @@ class SprintDiT(TokenSparseDiT):
         skip_cache: SkipCache | None = None,
         reuse_cache: bool = False,
         hidden_at: int = 0,
-        path_drop: torch.Tensor | None = None,
+        path_drop: torch.Tensor | bool | None = None,
     ) -> ModelOutput:
         """Predict every position (mask=None: the loss covers every token).
 
         mask_ratio: the share of tokens that skip the middle blocks. path_drop [B] bool: the samples
         whose sparse-path output becomes mask tokens (forced; None draws it with path_drop_prob in
-        train mode and drops nothing in eval mode); in eval mode the middle blocks run only for the
-        other samples. hidden_at=k > 0 also returns the tokens leaving block k: for a middle block
+        train mode and drops nothing in eval mode; True drops it for the whole batch, which needs no
+        data-dependent indexing, so it also runs on the meta device); in eval mode the middle blocks
+        run only for the other samples. hidden_at=k > 0 also returns the tokens leaving block k: for a middle block
         at r > 0 the kept ones, with their positions as keep_ids.
         """
         tokens, c, token_mask, tap = self._prepare(x, t, y, mask_ratio, skip_cache, reuse_cache, hidden_at)

@@ -77,3 +77,17 @@ def zero_stage_runs(digits8, tmp_path_factory) -> dict:
         checkpoints[stage] = tmp / f"stage{stage}" / "t" / "checkpoints" / "step00000030"
         assert (checkpoints[stage] / COMPLETE).exists()
     return checkpoints
+
+
+@pytest.fixture(scope="session")
+def features8(tmp_path_factory):
+    """The digits as 3x8x8 pixels with a tiny random teacher's features on the 4x4 token grid."""
+    from data_tools.cli import main
+    from data_tools.testing import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("features8")
+    teacher = make_tiny_teacher(str(root / "teacher"), image_size=8, width=12)
+    out = root / "shards"
+    assert main(["encode", "--source", "digits", "--out", str(out), "--resolution", "8", "--encoder", "pixels",
+                 "--shard-size", "100", "--features", teacher, "--loader-workers", "0", "--quiet"]) == 0
+    return str(out)

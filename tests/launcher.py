@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import yaml
 
@@ -68,8 +68,8 @@ def env(**extra: str) -> Dict[str, str]:
     return e
 
 
-def deepspeed_command(config: Path, port: int, extra: Optional[List[str]] = None,
-                      launcher_args: Optional[List[str]] = None, module: str = "trainer.cli") -> List[str]:
+def deepspeed_command(config: Path, port: int, extra: List[str] | None = None,
+                      launcher_args: List[str] | None = None, module: str = "trainer.cli") -> List[str]:
     """The same command a user types, with this interpreter's deepspeed runner."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", *(launcher_args or ["--num_gpus", "2"]),
             "--master_port", str(port), "--module", module, "--config", str(config), *(extra or [])]
@@ -79,7 +79,7 @@ RUN_MARK = "launcher: the next config's run starts"
 FAULTS_MARK = "+MDT_FAULTS="
 
 
-def train_each_command(configs: List[Path], port: int, faults: Optional[List[str]] = None) -> List[str]:
+def train_each_command(configs: List[Path], port: int, faults: List[str] | None = None) -> List[str]:
     """A 2-rank launch whose ranks run the Trainer of each config in turn (`python -m launcher`,
     below): start-up, not training, is most of a tiny run's time. `faults`: an MDT_FAULTS value per
     config, armed for its run only. Split the launch's output with `runs_in`."""
@@ -122,7 +122,7 @@ def _train_each(runs: List[str]) -> int:
     return 0
 
 
-def run(cmd: List[str], cwd: Path, timeout: int = 400, extra_env: Optional[Dict[str, str]] = None
+def run(cmd: List[str], cwd: Path, timeout: int = 400, extra_env: Dict[str, str] | None = None
         ) -> subprocess.CompletedProcess:
     """Run a launcher to the end; past `timeout` kill it with its ranks (no orphans left spinning)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
@@ -136,7 +136,7 @@ def run(cmd: List[str], cwd: Path, timeout: int = 400, extra_env: Optional[Dict[
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def start(cmd: List[str], cwd: Path, log: Path, extra_env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+def start(cmd: List[str], cwd: Path, log: Path, extra_env: Dict[str, str] | None = None) -> subprocess.Popen:
     """Start a launcher in its own process group (so it and its ranks can be killed together)."""
     return subprocess.Popen(cmd, cwd=cwd, env=env(**(extra_env or {})), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)

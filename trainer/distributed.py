@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import deepspeed
 import deepspeed.ops
@@ -40,7 +39,7 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def precision_problem(precision: str) -> Optional[str]:
+def precision_problem(precision: str) -> str | None:
     """Why this accelerator cannot train in `precision` ('bf16', 'fp16', 'fp32'), in one line
     naming the key and what to use instead; None when it can (as DeepSpeed's accelerator says)."""
     acc = get_accelerator()

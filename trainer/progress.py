@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional, TextIO
+from typing import Callable, TextIO
 
 
 def format_eta(seconds: float) -> str:
@@ -18,7 +18,7 @@ class ProgressLine:
     """One progress line for `total` units of work: `update(done, text)` shows `text` plus the
     rate and the ETA, in place on a terminal, else about every 10% (a log stays short)."""
 
-    def __init__(self, total: int, unit: str = "it", enabled: bool = True, stream: Optional[TextIO] = None,
+    def __init__(self, total: int, unit: str = "it", enabled: bool = True, stream: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic, rate_scale: float = 1.0):
         """rate_scale multiplies the rate shown (e.g. the number of ranks sharing the work)."""
         self.total, self.unit, self.enabled = total, unit, enabled

@@ -11,8 +11,9 @@ Facts a diffusers user must know (docs/releases.md measures them):
 - DiTPipeline's guidance uses label 1000 as the null class: guided sampling needs 1000 classes.
 - DiTPipeline does not scale its starting noise by the scheduler's init_noise_sigma: it samples VP
   models (DDIM, init_noise_sigma 1); an EDM model needs a loop that starts from noise x sigma_max.
-MaskDiT (its decoder runs at another width) and Skip-DiT models (long skips) have no diffusers
-class and are refused.
+MaskDiT (its decoder runs at another width), SPRINT (mask token and path fusion) and Skip-DiT
+models (long skips) have no diffusers class and are refused; a TREAD model is a DiT at inference
+(its routing only drops tokens in training) and exports as one.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def export_diffusers(src: NetworkSource, out_dir: str) -> Dict[str, Any]:
     if "decoder_depth" in kwargs or src.model_name.startswith("MaskDiT"):
         raise CheckpointError(f"{src.path}: MaskDiT has no diffusers model class (its decoder runs at another "
                               "width); use mdt-export's safetensors file with mdt-sample")
+    if src.model_name in MODELS and MODELS[src.model_name].family == "sprint":
+        raise CheckpointError(f"{src.path}: SPRINT has no diffusers model class (its mask token and the fusion of "
+                              "the sparse and dense paths); use mdt-export's safetensors file with mdt-sample")
     if kwargs.get("skip"):
         raise CheckpointError(f"{src.path}: a Skip-DiT model (model.skip) has no diffusers model class (long "
                               "skips); use mdt-export's safetensors file with mdt-sample")

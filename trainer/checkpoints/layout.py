@@ -22,7 +22,7 @@ import glob
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import List
 
 from .record import CheckpointError
 
@@ -35,7 +35,7 @@ _UNIVERSAL_STATE = os.path.join("zero", "optimizer_state.pt")
 _TAG = re.compile(r"^step(\d{8,})(?:-([a-z_]+))?$")
 
 
-def make_tag(step: int, phase_end: Optional[str] = None) -> str:
+def make_tag(step: int, phase_end: str | None = None) -> str:
     """Checkpoint tag for the state after `step` optimizer steps; phase-end saves carry the phase."""
     return f"step{step:08d}" + (f"-{phase_end}" if phase_end else "")
 
@@ -53,7 +53,7 @@ def complete_tags(root: str) -> List[str]:
     return sorted(tags, key=lambda t: (int(_TAG.match(t).group(1)), t))
 
 
-def find_resume(root: str, resume: str) -> Optional[str]:
+def find_resume(root: str, resume: str) -> str | None:
     """The checkpoint directory to resume from: 'auto' (newest complete), 'none', or a path."""
     if resume == "none":
         return None

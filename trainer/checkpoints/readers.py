@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
@@ -58,8 +58,8 @@ def _release_dataset(kwargs: Dict[str, Any]) -> Dict[str, Any]:
             "class_names": None}
 
 
-def read_release(path: str, weights: Optional[str] = None, layout: Optional[str] = None,
-                 num_heads: Optional[int] = None, decoder_num_heads: Optional[int] = None) -> NetworkSource:
+def read_release(path: str, weights: str | None = None, layout: str | None = None,
+                 num_heads: int | None = None, decoder_num_heads: int | None = None) -> NetworkSource:
     """A published release file as our weights. A file whose name contains 'sit' is taken as SiT's
     (its layout is DiT's) unless `layout` says otherwise."""
     try:
@@ -83,8 +83,8 @@ def read_release(path: str, weights: Optional[str] = None, layout: Optional[str]
                          _release_dataset(release.model_kwargs), 0, weights or "ema")
 
 
-def read_network(path: str, weights: Optional[str] = None, layout: Optional[str] = None,
-                 num_heads: Optional[int] = None, decoder_num_heads: Optional[int] = None) -> NetworkSource:
+def read_network(path: str, weights: str | None = None, layout: str | None = None,
+                 num_heads: int | None = None, decoder_num_heads: int | None = None) -> NetworkSource:
     """Weights from a checkpoint directory (or a run / checkpoints directory: its newest complete
     checkpoint), an `mdt-export` file or a release file. `weights`: 'ema' (default) or 'model';
     `layout`, `num_heads`, `decoder_num_heads`: for releases (see model_zoo.releases)."""

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from data_tools.atomic import write_text_atomic
 
@@ -73,9 +73,9 @@ class CheckpointRecord:
     """EMA updates so far (they drive the EMA's decay warm-up)."""
     replica_checksums: List[List[float]] = field(default_factory=list)
     """[sum, sum of squares] of the weights per rank at save time; resume checks the loaded ones."""
-    phase_end: Optional[str] = None
+    phase_end: str | None = None
     """The unmask-tuning phase this checkpoint ends, if any (such checkpoints are kept)."""
-    universal_from: Optional[str] = None
+    universal_from: str | None = None
     """For a universal copy (mdt-universal): the checkpoint it was made from."""
     format_version: int = FORMAT_VERSION
     """Layout version of this record."""
@@ -85,7 +85,7 @@ class CheckpointRecord:
         """The optimizer steps done when the checkpoint was saved (state.step)."""
         return self.state.step
 
-    def micro_batch_size(self) -> Optional[int]:
+    def micro_batch_size(self) -> int | None:
         """data.micro_batch_size of the run that wrote it, if recorded."""
         value = (self.config.get("data") or {}).get("micro_batch_size")
         return None if value is None else int(value)

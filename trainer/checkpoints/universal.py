@@ -13,7 +13,6 @@ import dataclasses
 import os
 import re
 import shutil
-from typing import Optional
 
 from data_tools.atomic import write_text_atomic
 
@@ -52,7 +51,7 @@ def _same_state(record: CheckpointRecord, universal: str) -> bool:
     return (copy.step, copy.replica_checksums) == (record.step, record.replica_checksums)
 
 
-def to_universal(checkpoint: str, out: Optional[str] = None, workers: int = 1) -> str:
+def to_universal(checkpoint: str, out: str | None = None, workers: int = 1) -> str:
     """Convert a complete ZeRO-1/2/3 checkpoint into a universal one that resumes on any number of
     ranks; returns its directory (default: checkpoint + '_universal', where the training command
     looks for it when the world size changed).
@@ -85,7 +84,7 @@ def to_universal(checkpoint: str, out: Optional[str] = None, workers: int = 1) -
     latest = os.path.join(os.path.dirname(partial), "latest_universal")
     try:
         with open(latest) as f:
-            old_latest: Optional[str] = f.read()
+            old_latest: str | None = f.read()
     except FileNotFoundError:
         old_latest = None
     except OSError as err:
@@ -119,7 +118,7 @@ def to_universal(checkpoint: str, out: Optional[str] = None, workers: int = 1) -
     return out
 
 
-def _restore(path: str, text: Optional[str]) -> None:
+def _restore(path: str, text: str | None) -> None:
     """Put a small file back as it was: holding `text`, or absent for None (best effort)."""
     try:
         if text is not None:

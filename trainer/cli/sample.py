@@ -32,7 +32,11 @@ def _sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="heun", help=f"{', '.join(SAMPLERS)} (default heun)")
     usual = ", ".join(f"{name} {spec.default_steps}" for name, spec in SAMPLERS.items())
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {usual})")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="guidance scale (1: none)")
+    p.add_argument("--guidance", default="cfg", type=lambda text: text.replace("-", "_"),
+                   help="the weak branch of guidance: cfg (the null class: classifier-free guidance, default) or "
+                        "path-drop (the null class with a SPRINT model's sparse path skipped: path-drop guidance, "
+                        "cheaper per step)")
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI", help="guide only where LO < sigma <= HI")
     p.add_argument("--guidance-channels", type=int, default=None, metavar="K",
                    help="guide the first K latent channels only (3 reproduces the DiT release's sampler; default all)")
@@ -78,7 +82,8 @@ def sample_main(argv: list[str] | None = None) -> int:
                                   guidance_interval=parse_pair(args.guidance_interval, "--guidance-interval"),
                                   skip_cache_interval=args.skip_cache, skip_cache_keep=args.skip_keep,
                                   skip_cache_full_sigma=parse_pair(args.skip_full_sigma, "--skip-full-sigma"),
-                                  batch_size=args.batch_size, seed=args.seed, guidance_channels=args.guidance_channels)
+                                  batch_size=args.batch_size, seed=args.seed, guidance_channels=args.guidance_channels,
+                                  guidance=args.guidance)
         if args.skip_cache is not None and args.skip_cache < 1:
             raise SampleError(f"--skip-cache must be >= 1, got {args.skip_cache}")
         model = load_model(args.checkpoint, args.weights, device, layout=args.layout, num_heads=args.num_heads,
@@ -96,7 +101,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     try:
         say(f"sampling {len(labels)} images of {len(classes)} class(es) from {model.source} ({model.model_name}, "
             f"step {model.step}, {model.weights} weights) on {world} rank(s): {settings.sampler}, "
-            f"{settings.resolved_steps()} steps, guidance {settings.guidance_scale:g}")
+            f"{settings.resolved_steps()} steps, guidance {settings.guidance_scale:g}"
+            + (f" ({settings.guidance.replace('_', '-')})" if settings.guidance_scale != 1 else ""))
         result = generate(model, labels, args.out, settings, vae=args.vae, rank=rank, world_size=world, device=device,
                           png=not args.no_png, grid_count=args.grid,
                           grid_cols=grid_columns(args.per_class, len(classes)), progress=not args.quiet,
@@ -105,7 +111,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         say(f"model evaluations per batch: {full} full + {cached} cached"
             + (f" (Skip-Cache interval {settings.skip_cache_interval or 2}, keep {settings.skip_cache_keep})"
                if cached or settings.skip_cache_interval else ""))
-        say(f"rank 0: {result.full_steps} full + {result.cached_steps} cached steps in {result.seconds:.1f}s")
+        say(f"rank 0: {result.full_steps} full + {result.cached_steps} cached steps in {result.seconds:.1f}s; "
+            f"{result.gflops_per_image:.3g} network GFLOPs per image (counted)")
         say(f"wrote {result.npz} (arr_0 uint8 {len(labels)} images, arr_1 labels)")
         say(f"grid: {result.grid}")
     finally:

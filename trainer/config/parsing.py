@@ -10,8 +10,9 @@ anyway; the coercer below is the shorter of the two.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import yaml
 
@@ -22,7 +23,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check / convert a parsed YAML value against a field's type hint."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
@@ -97,7 +98,7 @@ def _set_override(tree: Dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+def load_config(path: str | None = None, overrides: List[str] | None = None) -> TrainConfig:
     """Read a YAML launch config (or the defaults) and apply --set overrides; validates types."""
     tree: Dict[str, Any] = {}
     if path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from torch import nn
 
@@ -35,10 +35,10 @@ class RunConfig:
     thread's stack and exits with status 4, so a hung job ends instead of idling until the scheduler's
     limit; rerunning resumes from the last checkpoint. Covers start-up too. 0 disables."""
 
-    stop_file: Optional[str] = None
+    stop_file: str | None = None
     """While the run trains, creating this file makes it remove the file, finish the step, save a
     checkpoint and exit with status 5 (as SIGTERM / SIGUSR1 / Ctrl-C do); null: RUN_DIR/STOP."""
-    time_limit_s: Optional[float] = None
+    time_limit_s: float | None = None
     """A wall-time budget: after the first step whose training time (evaluation excluded, resumed
     runs included) passes it, the run saves, evaluates and ends as if total_steps were reached
     (the phase plan stays laid out over total_steps). null: no limit."""
@@ -145,7 +145,7 @@ class DataConfig:
 
     shards: str = ""
     """Dataset directory, manifest.json, brace pattern, or pipe: URL."""
-    manifest: Optional[str] = None
+    manifest: str | None = None
     """Manifest path when shards is a pattern whose directory has none."""
     batch_size: int = 256
     """Global batch: images per optimizer step over all ranks."""
@@ -157,9 +157,9 @@ class DataConfig:
     """Samples held per worker for shuffling."""
     hflip: bool = True
     """Use the stored flipped latents half of the time."""
-    epoch_samples: Optional[int] = None
+    epoch_samples: int | None = None
     """Samples per (resampled) epoch; default: the dataset size."""
-    val_shards: Optional[str] = None
+    val_shards: str | None = None
     """Held-out data for eval's validation loss (a dataset directory, manifest or pattern, as shards)."""
     val_fraction: float = 0.0
     """Without val_shards: hold out this share of the shards (the last ones) from training for the
@@ -199,7 +199,7 @@ class PhasesConfig:
     """Mask ratio of the masked phase (at step 0 when a schedule is used)."""
     schedule: str = "constant"
     """Shape of the way from mask_ratio to end_mask_ratio over the masked steps."""
-    end_mask_ratio: Optional[float] = None
+    end_mask_ratio: float | None = None
     """Mask ratio reached at the end of the masked steps (linear / cosine)."""
     schedule_levels: int = 8
     """A schedule moves the mask ratio in this many equal steps from mask_ratio to end_mask_ratio,
@@ -223,7 +223,7 @@ class EMAConfig:
 
     decay: float = 0.9999
     """Target decay per step (ignored when half_life_images is set)."""
-    half_life_images: Optional[float] = None
+    half_life_images: float | None = None
     """EDM-style: decay so that the average's half-life is this many images."""
     warmup: bool = True
     """Ramp the decay up (min(decay, (1+n)/(10+n)), or half-life <= 0.05 x images seen) so early EMAs are not noise."""
@@ -285,7 +285,7 @@ class MonitorConfig:
     spike_steps steps in a row is a divergence too; 0: off."""
     spike_steps: int = 5
     """Steps in a row above spike_factor x the median that make a spike."""
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Accelerator peak (bf16 TFLOP/s per rank) for MFU; default: measured once at start."""
 
 
@@ -299,7 +299,7 @@ class DeepSpeedSection:
     """Training precision of the engine."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimizer state to CPU memory (stage >= 1)."""
-    contiguous_gradients: Optional[bool] = None
+    contiguous_gradients: bool | None = None
     """ZeRO >= 1: copy gradients into one buffer as they are produced; default on for accelerators
     (less fragmentation), off on CPU (where it is only an extra copy of every gradient)."""
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -320,12 +320,15 @@ class EvalConfig:
     num_images: int = 200
     """Images generated per guidance scale for the sample metrics (digits, fid)."""
     guidance_scales: List[float] = field(default_factory=lambda: [1.0])
-    """Classifier-free guidance scales to judge at; metrics at a scale g != 1 are named NAME@gG."""
+    """Guidance scales to judge at; metrics at a scale g != 1 are named NAME@gG."""
+    guidance: str = "cfg"
+    """The weak branch of guidance: cfg (the null class: classifier-free guidance) or path_drop (the
+    null class with a SPRINT model's sparse path skipped: path-drop guidance)."""
     sampler: str = "heun"
     """Sampler for the evaluation images."""
     steps: int = 18
     """Sampling steps for the evaluation images."""
-    skip_cache: Optional[int] = None
+    skip_cache: int | None = None
     """Skip-Cache interval for the evaluation images (models with skip branches; about halves the
     cost at interval 2). null: full network at every step."""
     batch_size: int = 50
@@ -339,9 +342,9 @@ class EvalConfig:
     val_sigmas: List[float] = field(default_factory=lambda: [0.02, 0.1, 0.3, 0.7, 1.5, 4.0, 15.0])
     """Noise levels of the validation loss: E|D(x0 + sigma n) - x0|^2 per level, in x0 space so that
     runs with different loss weightings compare."""
-    inception: Optional[str] = None
+    inception: str | None = None
     """FID Inception weights (pt_inception-2015-12-05-6726825d.pth); null: $MDT_INCEPTION_WEIGHTS."""
-    fid_reference: Optional[str] = None
+    fid_reference: str | None = None
     """Reference statistics for FID: an .npz with mu / sigma (ADM's reference batches hold them) or
     images (arr_0); null: statistics of fid_reference_images training samples decoded through the
     dataset's VAE, computed once and cached beside the manifest."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Collection, Dict
 
+import torch
+
 from model_zoo.checkpointing import CHECKPOINT_MODES
 from model_zoo.registry import MODELS
 
-from ..diffusion import PRECONDITIONINGS, SAMPLERS, SIGMA_SAMPLERS, WEIGHTINGS
+from ..diffusion import GUIDANCE_KINDS, PRECONDITIONINGS, SAMPLERS, SIGMA_SAMPLERS, WEIGHTINGS
 from ..diffusion.noise import ZERO_SNR_SUFFIX
 from ..evaluation.registry import EVAL_GROUPS, METRIC_SPECS
 from .deepspeed_json import PRECISIONS
@@ -24,10 +26,11 @@ CHOICES: Dict[str, Collection[str]] = {
     "optim.lr_schedule": LR_SCHEDULES,
     "deepspeed.precision": PRECISIONS,
     "eval.sampler": SAMPLERS,
+    "eval.guidance": GUIDANCE_KINDS,
     "monitor.on_nonfinite": NONFINITE_ACTIONS,
 }
 """Keys whose value names a registry entry, with that registry (the config reference lists them
-from here; model.name is checked against model_zoo.registry.MODELS on its own: 30 names)."""
+from here; model.name is checked against model_zoo.registry.MODELS on its own)."""
 
 
 EVAL_METRICS = EVAL_GROUPS
@@ -52,6 +55,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     d, p = cfg.data, cfg.phases
     _check(cfg.model.name in MODELS, f"model.name: unknown model {cfg.model.name!r}; choose from {', '.join(MODELS)}")
     _check(not cfg.model.init_strict or bool(cfg.model.init_from), "model.init_strict needs model.init_from")
+    _validate_model(cfg)
     for key, names in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -77,7 +81,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         _check(value is None or 0.0 <= value < 1.0, f"phases.{key} must be in [0, 1), got {value}")
     if cfg.model.name in MODELS and not MODELS[cfg.model.name].can_mask:
         _check(p.mask_ratio == 0 and not p.end_mask_ratio,
-               f"phases.mask_ratio must be 0 for {cfg.model.name} (only MaskDiT models mask tokens)")
+               f"phases.mask_ratio must be 0 for {cfg.model.name} (only MaskDiT, SPRINT and TREAD models drop "
+               "tokens)")
     _check(p.schedule_levels >= 0, f"phases.schedule_levels must be >= 0 (0: continuous), got {p.schedule_levels}")
     _check(not (cfg.model.compile and p.end_mask_ratio is not None and p.schedule_levels == 0),
            "phases.schedule_levels: 0 gives a compiled model a new token count, so a new graph, at nearly every "
@@ -112,6 +117,25 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
            f"run.time_limit_s must be > 0 (null: no limit), got {cfg.run.time_limit_s}")
     _check(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     _validate_eval(cfg)
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    """model.options build the network (on the meta device: no memory), and the model's family
+    allows the rest of the config."""
+    m = cfg.model
+    if m.name not in MODELS:
+        return
+    spec = MODELS[m.name]
+    _check(not (m.skip and spec.family in ("sprint", "tread")),
+           f"model.skip: Skip-DiT long skips cannot cross the sparse blocks of {m.name} (a {spec.family} model); set "
+           "model.skip: false")
+    try:
+        with torch.device("meta"):
+            spec.build(**{**m.options, "skip": m.skip})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.options: {' '.join(str(err).split())}") from None
+    _check(cfg.eval.guidance != "path_drop" or spec.family == "sprint",
+           f"eval.guidance: path_drop needs a SPRINT model (a sparse path to drop); {m.name} is a {spec.family} model")
 
 
 def _validate_recovery(cfg: TrainConfig) -> None:

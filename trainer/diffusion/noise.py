@@ -9,7 +9,7 @@ signal-to-noise ratio is SNR = alphabar / (1 - alphabar) = 1 / sigma^2 for every
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 
@@ -120,7 +120,7 @@ class LogNormalSigma:
         self.p_mean, self.p_std = p_mean, p_std
 
     def __call__(self, batch_size: int, device: torch.device | str = "cpu",
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw batch_size sigmas (float32) on device."""
         z = torch.randn(batch_size, device=device, generator=generator)
         return (self.p_mean + self.p_std * z).exp()
@@ -133,7 +133,7 @@ class DiscreteSigma:
         self.schedule = schedule
 
     def __call__(self, batch_size: int, device: torch.device | str = "cpu",
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw batch_size sigmas (float32) on device."""
         t = torch.randint(0, self.schedule.num_steps, (batch_size,), device=device, generator=generator)
         return self.schedule.t_to_sigma(t)
@@ -153,7 +153,7 @@ class FlowTimeSigma:
         self.kind = kind
 
     def __call__(self, batch_size: int, device: torch.device | str = "cpu",
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw batch_size sigmas (float32) on device."""
         if self.kind == "uniform":
             t = torch.rand(batch_size, device=device, generator=generator)
@@ -163,7 +163,7 @@ class FlowTimeSigma:
         return t / (1.0 - t)
 
 
-def ddpm_schedule_for(sigma_sampler: str) -> Optional[DDPMSchedule]:
+def ddpm_schedule_for(sigma_sampler: str) -> DDPMSchedule | None:
     """The DDPM schedule a sigma sampler name implies ('ddpm_cosine' -> cosine), else None.
 
     One schedule serves the training noise levels, the VP preconditioning's timestep input and the
@@ -178,7 +178,7 @@ def ddpm_schedule_for(sigma_sampler: str) -> Optional[DDPMSchedule]:
 
 SigmaSampler = Callable[..., torch.Tensor]
 
-SIGMA_SAMPLERS: Dict[str, Callable[[float, float, Optional[DDPMSchedule]], SigmaSampler]] = {
+SIGMA_SAMPLERS: Dict[str, Callable[[float, float, DDPMSchedule | None], SigmaSampler]] = {
     "lognormal": lambda p_mean, p_std, schedule: LogNormalSigma(p_mean, p_std),
     "flow_uniform": lambda p_mean, p_std, schedule: FlowTimeSigma("uniform"),
     "flow_logit_normal": lambda p_mean, p_std, schedule: FlowTimeSigma("logit_normal"),
@@ -191,7 +191,7 @@ SIGMA_SAMPLERS: Dict[str, Callable[[float, float, Optional[DDPMSchedule]], Sigma
 
 
 def make_sigma_sampler(name: str, p_mean: float = -1.2, p_std: float = 1.2,
-                       schedule: Optional[DDPMSchedule] = None) -> SigmaSampler:
+                       schedule: DDPMSchedule | None = None) -> SigmaSampler:
     """Sigma sampler by config name (see SIGMA_SAMPLERS).
 
     For the DDPM kinds a given schedule is used when its kind matches, else a default one is built.

@@ -13,7 +13,7 @@ tokens (the masked ones never reach the encoder, so they have no state to align)
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class LossOutput(NamedTuple):
     sigma: torch.Tensor
     dsm: torch.Tensor
     mae: torch.Tensor
-    align: Optional[torch.Tensor] = None
+    align: torch.Tensor | None = None
     """Negative cosine similarity to the teacher per sample (in [-1, 1]); zeros without alignment."""
 
 
@@ -53,7 +53,7 @@ class Alignment(NamedTuple):
 
 
 def alignment_loss(projected: torch.Tensor, features: torch.Tensor,
-                   keep_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   keep_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample negative cosine similarity [B] between projected tokens [B, K, D] and the
     teacher's features [B, N, D], taken at keep_ids [B, K] when the tokens are a kept subset."""
     target = features if keep_ids is None else gather_tokens(features, keep_ids)
@@ -82,7 +82,7 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
                  noise: torch.Tensor, mask_ratio: float, weighting: LossWeighting,
-                 lambda_mae: float = 0.1, align: Optional[Alignment] = None) -> LossOutput:
+                 lambda_mae: float = 0.1, align: Alignment | None = None) -> LossOutput:
     """MaskDiT loss for clean latents x0 [B, C, H, W] noised at sigma [B] with noise n ~ N(0, I).
 
     The DSM part is weighting.output_weight(sigma) * |F - F_target|^2 per token, i.e. the x0-space
@@ -127,7 +127,7 @@ def maskdit_loss(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, sigma: t
 
 def training_losses(denoiser: Denoiser, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float,
                     weighting: LossWeighting, sigma_sampler: SigmaSampler, lambda_mae: float = 0.1,
-                    generator: Optional[torch.Generator] = None, align: Optional[Alignment] = None) -> LossOutput:
+                    generator: torch.Generator | None = None, align: Alignment | None = None) -> LossOutput:
     """One training batch: draw sigma [B] and noise, return per-sample losses with their parts.
 
     The trainer reduces `loss` (e.g. .mean()) for the backward pass and buckets it by `sigma`.

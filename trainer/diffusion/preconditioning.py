@@ -9,7 +9,7 @@ c_in = 1 / sqrt(sigma^2 + 1), and epsilon-, v- and x0-prediction differ only in 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Tuple
 
 import torch
 from torch import nn
@@ -26,9 +26,9 @@ class RawOutput(NamedTuple):
     (see model_zoo.layers.ModelOutput)."""
 
     sample: torch.Tensor
-    mask: Optional[torch.Tensor]
-    hidden: Optional[torch.Tensor] = None
-    keep_ids: Optional[torch.Tensor] = None
+    mask: torch.Tensor | None
+    hidden: torch.Tensor | None = None
+    keep_ids: torch.Tensor | None = None
 
 
 class Preconditioning:
@@ -77,7 +77,7 @@ class VPPrecond(Preconditioning):
     x0-prediction D = F.
     """
 
-    def __init__(self, prediction: str = "eps", schedule: Optional[DDPMSchedule] = None):
+    def __init__(self, prediction: str = "eps", schedule: DDPMSchedule | None = None):
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"unknown VP prediction {prediction!r} (choose from eps, v, x0)")
         self.prediction = prediction
@@ -112,7 +112,7 @@ class FlowPrecond(Preconditioning):
         return one_minus_t, sigma * one_minus_t, one_minus_t, one_minus_t
 
 
-PRECONDITIONINGS: Dict[str, Callable[[float, Optional[DDPMSchedule]], Preconditioning]] = {
+PRECONDITIONINGS: Dict[str, Callable[[float, DDPMSchedule | None], Preconditioning]] = {
     "edm": lambda sigma_data, schedule: EDMPrecond(sigma_data),
     "vp_eps": lambda sigma_data, schedule: VPPrecond("eps", schedule),
     "vp_v": lambda sigma_data, schedule: VPPrecond("v", schedule),
@@ -123,7 +123,7 @@ PRECONDITIONINGS: Dict[str, Callable[[float, Optional[DDPMSchedule]], Preconditi
 
 
 def make_preconditioning(name: str, sigma_data: float = 0.5,
-                         schedule: Optional[DDPMSchedule] = None) -> Preconditioning:
+                         schedule: DDPMSchedule | None = None) -> Preconditioning:
     """Preconditioning by config name (see PRECONDITIONINGS)."""
     if name not in PRECONDITIONINGS:
         raise ValueError(f"unknown preconditioning {name!r} (choose from {', '.join(PRECONDITIONINGS)})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -78,7 +78,7 @@ def _floats(sigmas: torch.Tensor) -> List[float]:
 
 
 def heun_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1, no churn).
 
     The last step (to sigma = 0) is a plain Euler step, as the ODE's slope is undefined at 0.
@@ -95,7 +95,7 @@ def heun_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 def euler_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma; identical to DDIM (eta = 0)."""
     s = _floats(sigmas)
     for cur, nxt in zip(s[:-1], s[1:]):
@@ -105,7 +105,7 @@ def euler_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 def heun_t_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Heun on the flow ODE in t (SiT's sampler): x_t = x / (1 + sigma), t = sigma / (1 + sigma),
     d x_t / dt = (x_t - D) / t. Its Euler step is exactly the Euler step in sigma; its Heun step is
     not (docs/diffusion.md derives both), hence this sampler. Works on any grid; the last step
@@ -123,7 +123,7 @@ def heun_t_sampler(model: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
     return xt * (1.0 + s[-1])
 
 
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def step_noise(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
@@ -180,7 +180,7 @@ SAMPLERS: Dict[str, SamplerSpec] = {
 """Samplers: name -> SamplerSpec (ddim is the Euler step on the DDPM grid)."""
 
 
-def default_sigmas(sampler: str, steps: int, schedule: Optional[DDPMSchedule] = None,
+def default_sigmas(sampler: str, steps: int, schedule: DDPMSchedule | None = None,
                    preconditioning: str = "") -> torch.Tensor:
     """The usual grid for a sampler: EDM's for 'heun' / 'euler', the DDPM schedule's (linear unless
     given) for 'ddpm' / 'ddim', so that DiT-style runs use the timesteps the model was trained on;
@@ -209,7 +209,7 @@ class SkipCacheConfig:
 
     interval: int = 2
     n_keep: int = 1
-    force_full_sigma: Optional[Tuple[float, float]] = None
+    force_full_sigma: Tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.interval < 1:
@@ -220,7 +220,7 @@ class SkipCacheConfig:
             raise ValueError(f"force_full_sigma must be (lo, hi) with 0 <= lo <= hi, got {self.force_full_sigma}")
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: Optional[int] = None) -> torch.Tensor:
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: int | None = None) -> torch.Tensor:
     """Classifier-free guidance uncond + scale (cond - uncond) on every channel, or on the first
     `channels` only with the rest taken from the conditional half (the DiT release's sampler guides
     3 of its 4 latent channels; `channels=3` reproduces it)."""
@@ -248,8 +248,8 @@ class GuidedModel:
     """
 
     def __init__(self, denoiser, y: torch.Tensor, guidance_scale: float = 1.0,
-                 guidance_interval: Optional[Tuple[float, float]] = None,
-                 skip_cache: Optional[SkipCacheConfig] = None, guidance_channels: Optional[int] = None,
+                 guidance_interval: Tuple[float, float] | None = None,
+                 skip_cache: SkipCacheConfig | None = None, guidance_channels: int | None = None,
                  guidance: str = "cfg"):
         if guidance not in GUIDANCE_KINDS:
             raise ValueError(f"guidance must be one of {', '.join(GUIDANCE_KINDS)}, got {guidance!r}")
@@ -269,8 +269,10 @@ class GuidedModel:
         self.cache = denoiser.new_skip_cache(skip_cache.n_keep) if skip_cache is not None else None
         self.full_steps = 0
         self.cached_steps = 0
+        self.weak_full_steps = 0  # calls that also ran the weak branch (guided), by full / cached
+        self.weak_cached_steps = 0
         self._since_full = 0
-        self._cached_batch: Optional[int] = None
+        self._cached_batch: int | None = None
 
     def _guided(self, sigma: float) -> bool:
         if self.scale == 1.0:
@@ -301,10 +303,12 @@ class GuidedModel:
         out = self.denoiser(xb, sigma, yb, skip_cache=self.cache, reuse_cache=not full, **extra)
         if full:
             self.full_steps += 1
+            self.weak_full_steps += guided
             self._since_full = 0
             self._cached_batch = xb.shape[0]
         else:
             self.cached_steps += 1
+            self.weak_cached_steps += guided
             self._since_full += 1
         if not guided:
             return out
@@ -317,21 +321,24 @@ class SampleResult:
     """A sampling run: the final latents and what it executed.
 
     full_steps / cached_steps: guided-model evaluations that ran the whole network / only the
-    first and last n_keep blocks. blocks_run: transformer blocks the network reports having run
-    (None without Skip-Cache, where the network keeps no counter).
+    first and last n_keep blocks. weak_full_steps / weak_cached_steps: those of them that also ran
+    guidance's weak branch. blocks_run: transformer blocks the network reports having run (None
+    without Skip-Cache, where the network keeps no counter).
     """
 
     x: torch.Tensor
     full_steps: int
     cached_steps: int
-    blocks_run: Optional[int]
+    blocks_run: int | None
+    weak_full_steps: int = 0
+    weak_cached_steps: int = 0
 
 
 @torch.no_grad()
 def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, sampler: str = "heun",
-           guidance_scale: float = 1.0, guidance_interval: Optional[Tuple[float, float]] = None,
-           skip_cache: Optional[SkipCacheConfig] = None,
-           generator: Generators = None, guidance_channels: Optional[int] = None,
+           guidance_scale: float = 1.0, guidance_interval: Tuple[float, float] | None = None,
+           skip_cache: SkipCacheConfig | None = None,
+           generator: Generators = None, guidance_channels: int | None = None,
            guidance: str = "cfg") -> SampleResult:
     """Generate from standard-normal noise [B, C, H, W] and labels y [B] on the grid `sigmas`.
 
@@ -354,4 +361,5 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, y: torch.Tensor, sigmas: tor
         run = heun_t_sampler
     x = run(model, noise * float(sigmas[0]), sigmas, generator=generator)
     blocks = model.cache.blocks_run if model.cache is not None else None
-    return SampleResult(x, model.full_steps, model.cached_steps, blocks)
+    return SampleResult(x, model.full_steps, model.cached_steps, blocks, model.weak_full_steps,
+                        model.weak_cached_steps)

@@ -30,9 +30,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..diffusion import SAMPLERS, SkipCacheConfig, default_sigmas, sample
+from ..diffusion import GUIDANCE_KINDS, SAMPLERS, SkipCacheConfig, default_sigmas, sample
 from ..distributed import accelerator_device, barrier
 from ..progress import ProgressLine
+from .cost import step_costs
 from .loading import LoadedModel, SampleError, load_decoder, load_model
 from .preview import decode_latents, make_grid, save_png
 
@@ -122,6 +123,9 @@ class SampleSettings:
     batch_size: int = 64
     seed: int = 0
     guidance_channels: int | None = None
+    guidance: str = "cfg"
+    """The weak branch of guidance: 'cfg' (the null class) or 'path_drop' (the null class with a
+    SPRINT network's sparse path dropped: path-drop guidance)."""
 
     def resolved_steps(self) -> int:
         """--steps, or the sampler's usual count."""
@@ -140,6 +144,9 @@ class GenerateResult:
     cached_steps: int = 0
     steps_per_batch: Tuple[int, int] = (0, 0)
     seconds: float = 0.0
+    gflops_per_image: float = 0.0
+    """Network GFLOPs one image cost (every evaluation of its sampling run, both guidance branches;
+    counted, not timed: trainer.sample.cost)."""
     labels: np.ndarray | None = field(default=None, repr=False)
 
 
@@ -153,6 +160,12 @@ def check_settings(model: LoadedModel, s: SampleSettings) -> Tuple[torch.Tensor,
         raise SampleError(f"--guidance-scale must be a finite number, got {s.guidance_scale}")
     if s.guidance_interval is not None and not 0 <= s.guidance_interval[0] < s.guidance_interval[1]:
         raise SampleError(f"--guidance-interval must be LO,HI with 0 <= LO < HI, got {s.guidance_interval}")
+    if s.guidance not in GUIDANCE_KINDS:
+        raise SampleError(f"--guidance must be one of {', '.join(k.replace('_', '-') for k in GUIDANCE_KINDS)}, got "
+                          f"{s.guidance.replace('_', '-')!r}")
+    if s.guidance == "path_drop" and getattr(model.denoiser.net, "family", "") != "sprint":
+        raise SampleError(f"--guidance path-drop needs a network with a droppable sparse path (SPRINT); "
+                          f"{model.source} is {model.model_name}")
     channels = model.denoiser.net.in_channels
     if s.guidance_channels is not None and not 1 <= s.guidance_channels <= channels:
         raise SampleError(f"--guidance-channels must be in 1..{channels} (the model's latent channels), got "
@@ -213,7 +226,8 @@ def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: Sam
         gens = [step_generator(settings.seed, int(i), device) for i in idx] if stochastic else None
         out = sample(model.denoiser, noise, y, sigmas.to(device), sampler=settings.sampler,
                      guidance_scale=settings.guidance_scale, guidance_interval=settings.guidance_interval,
-                     skip_cache=skip, generator=gens, guidance_channels=settings.guidance_channels)
+                     skip_cache=skip, generator=gens, guidance_channels=settings.guidance_channels,
+                     guidance=settings.guidance)
         with torch.no_grad():
             images = _to_uint8(decode_latents(out.x, scaling, encoder, decoder))
         if part_images is None:
@@ -227,6 +241,10 @@ def generate(model: LoadedModel, labels: np.ndarray, out_dir: str, settings: Sam
         result.cached_steps += out.cached_steps
         if b == 0:
             result.steps_per_batch = (out.full_steps, out.cached_steps)
+            costs = step_costs(model.model_name, model.model_kwargs, settings.guidance,
+                               skip.n_keep if skip is not None else None)
+            result.gflops_per_image = costs.per_image(out.full_steps, out.cached_steps, out.weak_full_steps,
+                                                      out.weak_cached_steps) / 1e9
         done = b * bs + len(idx)
         bar.update(done, f"sampling: batch {b + 1}/{batches} | {done}/{len(mine)} images on rank 0 ({ranks})")
     if part_images is not None:

@@ -10,7 +10,7 @@ import errno
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from deepspeed import DeepSpeedEngine
@@ -69,7 +69,7 @@ def checkpoint_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def storage_problem(err: BaseException, root: str, last_bytes: Optional[int] = None) -> Optional[str]:
+def storage_problem(err: BaseException, root: str, last_bytes: int | None = None) -> str | None:
     """Why a save into `root` failed when its storage is the cause (full, over quota, read-only or
     vanished), in words for one line; None when storage looks fine (then the error is something
     else). Torch's writers report a full disk as RuntimeErrors without an errno, so free space
@@ -79,7 +79,7 @@ def storage_problem(err: BaseException, root: str, last_bytes: Optional[int] = N
     if not os.path.isdir(root):
         return f"the checkpoint directory {root} is gone ({said})"
     try:
-        free: Optional[int] = shutil.disk_usage(root).free
+        free: int | None = shutil.disk_usage(root).free
     except OSError:
         free = None
     last = f", the last checkpoint took {_mib(last_bytes)}" if last_bytes else ""
@@ -93,7 +93,7 @@ def storage_problem(err: BaseException, root: str, last_bytes: Optional[int] = N
     return None
 
 
-def low_space_warning(root: str, last_bytes: Optional[int], margin: float = FREE_SPACE_MARGIN) -> Optional[str]:
+def low_space_warning(root: str, last_bytes: int | None, margin: float = FREE_SPACE_MARGIN) -> str | None:
     """A warning when `root`'s disk has less than margin x the last checkpoint's size free."""
     if not last_bytes:
         return None
@@ -109,7 +109,7 @@ def low_space_warning(root: str, last_bytes: Optional[int], margin: float = FREE
 
 def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, record: CheckpointRecord,
                     data_state: Dict[str, Any], rank: int, sync: Callable[[], None] = barrier,
-                    last_bytes: Optional[int] = None) -> str:
+                    last_bytes: int | None = None) -> str:
     """Write a checkpoint; must be called on every rank. Returns the checkpoint directory.
 
     Order: the EMA gathered to rank 0 (sharded under ZeRO-3), DeepSpeed's shards and each rank's
@@ -149,7 +149,7 @@ def save_checkpoint(engine: DeepSpeedEngine, ema: EMA, root: str, tag: str, reco
 
 
 def load_checkpoint(engine: DeepSpeedEngine, ema: EMA, path: str, rank: int
-                    ) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]]]:
+                    ) -> Tuple[CheckpointRecord, Dict[str, Any] | None]:
     """Restore engine (model + optimizer) and EMA; returns the record and this rank's data position."""
     root, tag = os.path.split(os.path.normpath(path))
     # The engine's config says once, at build time, whether it loads universal checkpoints; a run
@@ -220,9 +220,9 @@ def rescale_data_state(saved: List[Dict[str, Any]], saved_micro_batch: int, rank
                 batches_in_epoch=batches, skipped=int(saved[rank].get("skipped", 0)) if rank < len(saved) else 0)
 
 
-def resume_data_state(record: CheckpointRecord, data: Optional[Dict[str, Any]], path: str, rank: int,
+def resume_data_state(record: CheckpointRecord, data: Dict[str, Any] | None, path: str, rank: int,
                       world_size: int, micro_batch: int, steps_per_epoch: int
-                      ) -> Tuple[Optional[Dict[str, Any]], bool]:
+                      ) -> Tuple[Dict[str, Any] | None, bool]:
     """(this rank's data stream position, whether it was rescaled) for resuming from checkpoint
     `path` with its record and this rank's saved position `data`.
 
@@ -241,7 +241,7 @@ def resume_data_state(record: CheckpointRecord, data: Optional[Dict[str, Any]], 
 # ----------------------------------------------------------------------------- the run's checkpointer
 
 
-def checkpoint_before(root: str, step: int, world_size: int) -> Optional[str]:
+def checkpoint_before(root: str, step: int, world_size: int) -> str | None:
     """The newest complete checkpoint under `root` saved after fewer than `step` (1-based) steps,
     as world_size ranks load it (its universal copy when the world size changed), or None;
     RunStopped with the reason when it cannot be used."""
@@ -255,7 +255,7 @@ def checkpoint_before(root: str, step: int, world_size: int) -> Optional[str]:
     return None
 
 
-def resume_target(cfg: TrainConfig, world_size: int) -> Optional[str]:
+def resume_target(cfg: TrainConfig, world_size: int) -> str | None:
     """The checkpoint this run resumes from (checkpoint.resume; the universal copy when the world
     size changed), or None; RunStopped with the reason when it cannot be used."""
     root = os.path.join(cfg.run.run_dir(), "checkpoints")
@@ -275,7 +275,7 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.model_kwargs, self.dataset = model_kwargs, dataset
         self.root = os.path.join(cfg.run.run_dir(), "checkpoints")
-        self.last_bytes: Optional[int] = None  # the last checkpoint's size (rank 0), for the free-space check
+        self.last_bytes: int | None = None  # the last checkpoint's size (rank 0), for the free-space check
         self._warned_space = False
 
     def due(self, end: StepEnd) -> bool:
@@ -283,7 +283,7 @@ class Checkpointer:
         an unmask-tuning phase, at the last step, and when a stop or a rollback asks for a save."""
         return end.phase.phase_end or end.step % self.cfg.checkpoint.every == 0 or end.last or end.save_now
 
-    def save(self, state: RunState, phase_end: Optional[str]) -> str:
+    def save(self, state: RunState, phase_end: str | None) -> str:
         """Save the run after `state.step` steps (every rank), then rotate old checkpoints (rank 0)."""
         sums = replica_checksums(self.engine.module.net)  # collective: every rank takes part
         if any(abs(a - b) > 1e-9 * max(1.0, abs(b)) for s in sums for a, b in zip(s, sums[0])):
@@ -306,11 +306,11 @@ class Checkpointer:
             say(f"saved checkpoint {path}")
         return path
 
-    def latest_before(self, step: int) -> Optional[str]:
+    def latest_before(self, step: int) -> str | None:
         """Where a rollback goes when the trouble began in `step`: see checkpoint_before."""
         return checkpoint_before(self.root, step, self.world_size)
 
-    def _load_checked(self, path: str) -> Tuple[CheckpointRecord, Optional[Dict[str, Any]], bool]:
+    def _load_checked(self, path: str) -> Tuple[CheckpointRecord, Dict[str, Any] | None, bool]:
         """Load a checkpoint on every rank and check the weights against the saved checksums:
         (record, this rank's data position, whether checksums were there to check)."""
         try:

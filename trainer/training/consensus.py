@@ -6,7 +6,7 @@ which drains the stream)."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ class HostVote:
 
     def __init__(self, group, size: int):
         self.group, self.size = group, size
-        self._pending: Optional[tuple] = None
+        self._pending: tuple | None = None
 
     def cast(self, values: List[float]) -> None:
         """Start agreeing on this step's flags (one value per flag, 0 or 1 for yes/no)."""

@@ -9,7 +9,7 @@ from the partition without any gathering; the whole average exists only while it
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import torch
 import torch.distributed as dist
@@ -83,7 +83,7 @@ class EMA:
         return self.state_dict() if rank == 0 else {}
 
     @contextmanager
-    def full(self, to_rank: Optional[int] = None) -> Iterator[Optional[nn.Module]]:
+    def full(self, to_rank: int | None = None) -> Iterator[nn.Module | None]:
         """The whole averaged network for sampling, on every rank or on `to_rank` only (None
         elsewhere); enter it on every rank (a collective when sharded)."""
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -170,7 +170,7 @@ class ShardedEMA(EMA):
         self.updates = updates
 
     @contextmanager
-    def full(self, to_rank: Optional[int] = None) -> Iterator[Optional[nn.Module]]:
+    def full(self, to_rank: int | None = None) -> Iterator[nn.Module | None]:
         """The whole average in the shadow network while inside, on every rank or on `to_rank`
         only (None elsewhere: its shards are sent, nothing is held)."""
         params = dict(self.module.named_parameters())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import deepspeed
 import numpy as np
@@ -38,7 +38,7 @@ def compiled_graphs() -> int:
 def build_engine(build_module: Callable[[], torch.nn.Module], ds_config: Dict[str, Any], rank: int,
                  compile_model: bool = False, compile_backend: str = "inductor",
                  token_counts: int = 2,
-                 init_weights: Optional[Callable[[torch.nn.Module], None]] = None) -> deepspeed.DeepSpeedEngine:
+                 init_weights: Callable[[torch.nn.Module], None] | None = None) -> deepspeed.DeepSpeedEngine:
     """Build the module (under zero.Init for ZeRO-3) and wrap it in a DeepSpeed engine.
 
     With compile_model the engine is compiled with `compile_backend`, allowing at least
@@ -93,7 +93,7 @@ def skip_nonfinite_updates(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = guarded_step
 
 
-def loss_scale(engine: deepspeed.DeepSpeedEngine) -> Optional[float]:
+def loss_scale(engine: deepspeed.DeepSpeedEngine) -> float | None:
     """The engine's current fp16 loss scale (a host number), None when its optimizer has none."""
     opt = engine.optimizer
     for holder in (opt, getattr(opt, "loss_scale_config", None), getattr(opt, "loss_scaler", None)):

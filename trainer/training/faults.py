@@ -19,7 +19,7 @@ import errno
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 from deepspeed import DeepSpeedEngine
 
@@ -44,8 +44,8 @@ class Fault:
 
     kind: str
     when: frozenset
-    from_on: Optional[int]
-    rank: Optional[int]
+    from_on: int | None
+    rank: int | None
 
     def strikes(self, count: int) -> bool:
         """Whether the fault strikes at this call or save number."""
@@ -145,7 +145,7 @@ def _install(fault: Fault) -> None:
         DeepSpeedEngine.save_checkpoint = save_checkpoint
 
 
-def arm_faults(rank: int, spec: Optional[str] = None) -> List[Fault]:
+def arm_faults(rank: int, spec: str | None = None) -> List[Fault]:
     """Install the faults of `spec` (default: the MDT_FAULTS variable) that apply to `rank`, and
     say so on stdout; returns them. FaultSpecError when the value does not parse."""
     spec = os.environ.get(ENV, "") if spec is None else spec

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -91,7 +91,7 @@ def read_source(cfg: TrainConfig) -> NetworkSource:
         raise ConfigError(f"model.init_from: {err}") from None
 
 
-def check_init_from_config(cfg: TrainConfig, world_size: int) -> Optional[InitPlan]:
+def check_init_from_config(cfg: TrainConfig, world_size: int) -> InitPlan | None:
     """check_init_from for the model this config builds on its dataset (read from the manifest);
     None when the run will resume from its own checkpoint (init_from is ignored then, so a source
     deleted since, or a strict plan, must not block the resume)."""

@@ -5,7 +5,7 @@ decoded through the dataset's VAE, so a grid shows images, not latent channels."
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ class SampleGrids:
                  device: torch.device, monitor: Monitor):
         self.cfg, self.ema, self.manifest, self.latent_shape = cfg, ema, manifest, tuple(latent_shape)
         self.device, self.monitor = device, monitor
-        self._vae: Optional[nn.Module] = None
+        self._vae: nn.Module | None = None
         self._vae_tried = False
 
     def due(self, end: StepEnd) -> bool:
@@ -47,7 +47,7 @@ class SampleGrids:
         self.monitor.image("samples/ema", grid, step)
         return save_png(grid, os.path.join(self.cfg.run.run_dir(), "samples", f"step{step:08d}.png"))
 
-    def _decoder(self) -> Optional[nn.Module]:
+    def _decoder(self) -> nn.Module | None:
         """The dataset's VAE (loaded on first use, on the rank that draws grids); None for pixel data,
         or with a warning when it cannot be loaded (the grid then shows latent channels)."""
         encoder = self.manifest.encoder or {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from typing import Deque, Optional
+from typing import Deque
 
 from ..config.schema import MonitorConfig
 from .stop import RunStopped
@@ -61,7 +61,7 @@ class Recovery:
         self.bad_in_a_row = 0
         self._losses: Deque[float] = deque(maxlen=SPIKE_WINDOW)
         self._high_in_a_row = 0
-        self._phase: Optional[str] = None
+        self._phase: str | None = None
 
     def lr_scale(self, step: int) -> float:
         """The learning-rate factor for `step` (1-based): rollback_lr_scale for the steps after a

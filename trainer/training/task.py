@@ -8,7 +8,7 @@ continues it), while the EMA, exports and sampling see the network alone.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ class TrainingModule(nn.Module):
     the batch's teacher features [B, D, G, G].
     """
 
-    def __init__(self, net: nn.Module, cfg: TrainConfig, feature_shape: Optional[Tuple[int, int]] = None):
+    def __init__(self, net: nn.Module, cfg: TrainConfig, feature_shape: Tuple[int, int] | None = None):
         super().__init__()
         d = cfg.diffusion
         self.denoiser = d.denoiser(net)
@@ -75,7 +75,7 @@ class TrainingModule(nn.Module):
         self.sigma_sampler = make_sigma_sampler(d.sigma_sampler, p_mean=d.p_mean, p_std=d.p_std,
                                                 schedule=getattr(self.denoiser.precond, "schedule", None))
         self.lambda_mae = d.lambda_mae
-        self.align_head: Optional[AlignHead] = None
+        self.align_head: AlignHead | None = None
         self.lambda_align, self.align_block = cfg.align.lambda_align, 0
         if cfg.align.enabled:
             if feature_shape is None:
@@ -91,7 +91,7 @@ class TrainingModule(nn.Module):
         return self.denoiser.net
 
     def forward(self, x0: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0,
-                features: Optional[torch.Tensor] = None) -> LossOutput:
+                features: torch.Tensor | None = None) -> LossOutput:
         """Per-sample weighted losses of one micro-batch (noise, sigma and mask drawn inside)."""
         align = None
         if self.align_head is not None:

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Optional, TextIO
+from typing import Callable, TextIO
 
 STALL_EXIT_CODE = 4
 """Exit status of a rank ended by the watchdog (2: bad input, 3: the run stopped on purpose)."""
@@ -34,8 +34,8 @@ class StallWatchdog:
     """
 
     def __init__(self, timeout_s: float, rank: int = 0, *, backstop_grace_s: float = 60.0,
-                 exit_fn: Callable[[int], None] = os._exit, stream: Optional[TextIO] = None,
-                 clock: Callable[[], float] = time.monotonic, poll_s: Optional[float] = None):
+                 exit_fn: Callable[[int], None] = os._exit, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic, poll_s: float | None = None):
         self.timeout_s = float(timeout_s)
         self.poll_s = poll_s if poll_s is not None else min(max(self.timeout_s / 4, 0.05), 30.0)
         self.rank = rank
@@ -46,7 +46,7 @@ class StallWatchdog:
         self._last = clock()
         self._what = "start-up"
         self._done = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.fired = False
 
     @property
