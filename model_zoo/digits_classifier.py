@@ -33,14 +33,15 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def canonical(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, H, W, 3] (or grey [N, H, W]) -> float [N, 1, 8, 8] in [0, 1]."""
+def canonical(images: np.ndarray | torch.Tensor, side: int = SIDE) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] (or grey [N, H, W]) -> float [N, 1, side, side] in [0, 1] (default
+    8x8; the MNIST judge uses 32x32): grey, resized (bilinear, antialiased) unless already that size."""
     x = torch.as_tensor(np.asarray(images))
     if x.ndim == 4:
         x = x.float().mean(dim=-1)
     if x.ndim != 3:
         raise ValueError(f"expected images [N, H, W, 3] or [N, H, W], got shape {tuple(x.shape)}")
     x = x.float().div(255.0)[:, None]
-    if tuple(x.shape[-2:]) != (SIDE, SIDE):
-        x = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
+    if tuple(x.shape[-2:]) != (side, side):
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return x

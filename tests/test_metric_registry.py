@@ -19,9 +19,10 @@ from trainer.evaluation.registry import METRIC_SPECS, direction, guided, in_grou
 
 
 def test_the_registry_names_groups_directions_and_formats():
-    assert EVAL_METRICS == ("val_loss", "digits", "fid")
-    assert list(METRIC_SPECS) == ["val_loss", "digits_fd", "fid", "digits_acc"]
-    assert set(METRICS) == {"fid", "digits_fd", "digits_acc"} and METRIC_SPECS["val_loss"].function is None
+    assert EVAL_METRICS == ("val_loss", "digits", "fid", "mnist")
+    assert list(METRIC_SPECS) == ["val_loss", "digits_fd", "fid", "digits_acc", "mnist_fd", "mnist_acc"]
+    assert set(METRICS) == {"fid", "digits_fd", "digits_acc", "mnist_fd", "mnist_acc"}
+    assert METRIC_SPECS["val_loss"].function is None
     # the evaluator's order within an evaluation: group by group, whatever order eval.metrics lists
     assert [s.name for s in in_groups(["fid", "digits", "val_loss"])] == ["val_loss", "digits_fd", "digits_acc", "fid"]
     assert guided("digits_fd", 1.0) == "digits_fd" and guided("fid", 1.5) == "fid@g1.5"

@@ -15,18 +15,22 @@ from .common import OneLineParser
 
 
 def _eval_parser(metrics: Collection[str]) -> argparse.ArgumentParser:
-    p = OneLineParser(prog="mdt-eval", description="Frechet distances (Inception FID, digits FD) and digit accuracy "
-                                                   "of a generated image set against a reference set.")
+    p = OneLineParser(prog="mdt-eval", description="Frechet distances (Inception FID, digits and MNIST FD) and "
+                                                   "digit accuracy of a generated image set against a reference set.")
     p.add_argument("generated", nargs="?", default=None,
                    help="generated images: .npz (arr_0 images, arr_1 labels) or a directory of images")
     p.add_argument("reference", nargs="?", default=None,
                    help="reference images: .npz (arr_0, or precomputed mu/sigma), a directory, or digits:train / "
-                        "digits:heldout (default for the digits metrics: digits:train)")
+                        "digits:heldout / mnist:train / mnist:heldout (default for the digits metrics: "
+                        "digits:train; for the MNIST ones: mnist:train)")
     p.add_argument("--metrics", default="fid", help=f"comma-separated, from {', '.join(metrics)} (default fid)")
     p.add_argument("--inception", default=None,
                    help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth; default $MDT_INCEPTION_WEIGHTS)")
     p.add_argument("--digits-classifier", default=None,
                    help="digit classifier cache file (default $MDT_CACHE_DIR or ~/.cache/masked-diffusion-trainer; "
+                        "trained there on first use)")
+    p.add_argument("--mnist-classifier", default=None,
+                   help="MNIST classifier cache file (default $MDT_CACHE_DIR or ~/.cache/masked-diffusion-trainer; "
                         "trained there on first use)")
     p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
@@ -55,7 +59,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
         results = evaluate(args.generated, args.reference, metrics, inception=args.inception,
-                           digits_classifier=args.digits_classifier, batch_size=args.batch_size)
+                           digits_classifier=args.digits_classifier, mnist_classifier=args.mnist_classifier,
+                           batch_size=args.batch_size)
     except EvalError as err:
         print(f"mdt-eval: error: {err}", file=sys.stderr)
         return 2

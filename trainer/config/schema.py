@@ -316,9 +316,10 @@ class EvalConfig:
     metrics: List[str] = field(default_factory=lambda: ["val_loss"])
     """What to measure: val_loss (denoising error on held-out data at fixed noise levels), digits
     (digits Frechet distance and class accuracy of the held-out classifier; digits data only), fid
-    (Inception FID against reference statistics)."""
+    (Inception FID against reference statistics), mnist (the same as digits by the MNIST judge;
+    MNIST data only)."""
     num_images: int = 200
-    """Images generated per guidance scale for the sample metrics (digits, fid)."""
+    """Images generated per guidance scale for the sample metrics (digits, fid, mnist)."""
     guidance_scales: List[float] = field(default_factory=lambda: [1.0])
     """Guidance scales to judge at; metrics at a scale g != 1 are named NAME@gG."""
     guidance: str = "cfg"

@@ -1,4 +1,4 @@
-"""Image sets for evaluation: .npz (ADM layout), image directories, the built-in digits."""
+"""Image sets for evaluation: .npz (ADM layout), image directories, the built-in digits and MNIST."""
 
 from __future__ import annotations
 
@@ -10,18 +10,23 @@ from PIL import Image
 
 from data_tools.format import DataToolsError
 
-from .digits import real_digits
+from .digits import DIGITS
 from .errors import EvalError
+from .judge import Judge
+from .mnist import MNIST
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+BUILT_IN: dict[str, Judge] = {"digits": DIGITS, "mnist": MNIST}
+"""The built-in image sets NAME:SPLIT, by the judge that knows their images."""
 
 
 def load_images(path: str, resolution: int | None = None) -> Tuple[np.ndarray, np.ndarray | None]:
-    """uint8 images [N, H, W, 3] and labels [N] (or None) from an .npz, an image directory, or
-    `digits:SPLIT` (real digits at `resolution`, default 8)."""
-    if path.startswith("digits:"):
+    """uint8 images [N, H, W, 3] and labels [N] (or None) from an .npz, an image directory,
+    `digits:SPLIT` (real digits at `resolution`, default 8) or `mnist:SPLIT` (default 32)."""
+    name, colon, split = path.partition(":")
+    if colon and name in BUILT_IN:
         try:
-            return real_digits(path.partition(":")[2], resolution or 8)
+            return BUILT_IN[name].real(split, resolution)
         except DataToolsError as err:
             raise EvalError(str(err)) from None
     if os.path.isdir(path):
@@ -29,7 +34,8 @@ def load_images(path: str, resolution: int | None = None) -> Tuple[np.ndarray, n
     if not os.path.isfile(path):
         raise EvalError(f"image set {path} does not exist")
     if not path.endswith(".npz"):
-        raise EvalError(f"image set {path}: expected an .npz file, a directory of images or digits:SPLIT")
+        raise EvalError(f"image set {path}: expected an .npz file, a directory of images, "
+                        "digits:SPLIT or mnist:SPLIT")
     with np.load(path) as data:
         if "arr_0" not in data.files:
             raise EvalError(f"{path} has no arr_0 (images [N, H, W, 3] uint8); it holds {', '.join(data.files)}")

@@ -3,15 +3,18 @@ on image sets.
 
     mdt-eval samples/samples.npz ref/VIRTUAL_imagenet256_labeled.npz --inception pt_inception.pth
     mdt-eval samples/samples.npz digits:train --metrics digits_fd,digits_acc
+    mdt-eval samples/samples.npz mnist:train --metrics mnist_fd,mnist_acc
 
 Image sets are an `.npz` of uint8 images [N, H, W, 3] under `arr_0` (labels, if any, under
 `arr_1`: what `mdt-sample` and guided-diffusion's samplers write, and what its evaluator reads),
-a directory of images (read recursively, sorted), or a built-in `digits:train` / `digits:heldout`.
+a directory of images (read recursively, sorted), or a built-in `digits:train` / `digits:heldout` /
+`mnist:train` / `mnist:heldout`.
 A reference `.npz` holding `mu` / `sigma` (and no `arr_0`) gives precomputed Inception statistics.
 Metrics: `fid` (Inception-v3 pool features of the TensorFlow FID graph that ADM's evaluator runs,
 preprocessing included; weights from a local file), `digits_fd` (Frechet distance in the digit
 classifier's 128-d features) and `digits_acc` (share of generated digits the classifier assigns to
-their conditioning label; needs labels).
+their conditioning label; needs labels), and their MNIST counterparts `mnist_fd` and `mnist_acc`
+(the MNIST judge, trained on `mnist:heldout`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .digits import digits_accuracy, digits_fd
 from .errors import EvalError
 from .fid import fid
 from .images import load_images, load_reference_stats
+from .mnist import mnist_accuracy, mnist_fd
 from .registry import METRIC_SPECS, MetricSpec
 
 METRICS: Dict[str, MetricSpec] = {name: spec for name, spec in METRIC_SPECS.items() if spec.function is not None}
@@ -40,9 +44,10 @@ class ImageSets:
     size in `counts` (num_reference)."""
 
     def __init__(self, generated: str, reference: str | None, *, inception: str | None = None,
-                 digits_classifier: str | None = None, batch_size: int = 50):
+                 digits_classifier: str | None = None, mnist_classifier: str | None = None, batch_size: int = 50):
         self.generated, self.reference = generated, reference
         self.inception, self.digits_classifier, self.batch_size = inception, digits_classifier, batch_size
+        self.mnist_classifier = mnist_classifier
         self.counts: Dict[str, float] = {}
         self._loaded: Tuple[np.ndarray, np.ndarray | None] | None = None
 
@@ -93,15 +98,31 @@ def digits_acc_metric(sets: ImageSets) -> float:
     return digits_accuracy(sets.images, sets.labels, sets.digits_classifier)
 
 
+def mnist_fd_metric(sets: ImageSets) -> float:
+    """The MNIST Frechet distance against the reference set (default the MNIST train split)."""
+    images = sets.images
+    ref_images = load_images(sets.reference or "mnist:train", images.shape[1])[0]
+    sets.counts["num_reference"] = float(len(ref_images))
+    return mnist_fd(images, ref_images, sets.mnist_classifier)
+
+
+def mnist_acc_metric(sets: ImageSets) -> float:
+    """The share of generated MNIST digits the MNIST classifier assigns to their labels."""
+    if sets.labels is None:
+        raise EvalError(f"mnist_acc needs labels: {sets.generated} has no arr_1 (class labels)")
+    return mnist_accuracy(sets.images, sets.labels, sets.mnist_classifier)
+
+
 def evaluate(generated: str, reference: str | None, metrics: Sequence[str], *, inception: str | None = None,
-             digits_classifier: str | None = None, batch_size: int = 50) -> Dict[str, float]:
+             digits_classifier: str | None = None, mnist_classifier: str | None = None,
+             batch_size: int = 50) -> Dict[str, float]:
     """The CLI's work as a function: {metric: value} plus counts (num_generated, num_reference),
     each metric computed once, in the order asked."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise EvalError(f"unknown metric {unknown[0]!r}: choose from {', '.join(METRICS)}")
     sets = ImageSets(generated, reference, inception=inception, digits_classifier=digits_classifier,
-                     batch_size=batch_size)
+                     mnist_classifier=mnist_classifier, batch_size=batch_size)
     values: Dict[str, float] = {}
     for name in dict.fromkeys(metrics):
         values[name] = METRICS[name].function(sets)

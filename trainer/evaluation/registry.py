@@ -26,7 +26,7 @@ class MetricSpec:
 
     name: str
     group: str
-    """The eval.metrics entry that turns it on in the training run (val_loss, digits, fid)."""
+    """The eval.metrics entry that turns it on in the training run (val_loss, digits, fid, mnist)."""
     better: str
     """LOWER or HIGHER: which way the metric gets better."""
     function: Callable[[ImageSets], float] | None
@@ -59,12 +59,27 @@ def _digits_acc(sets: ImageSets) -> float:
     return digits_acc_metric(sets)
 
 
+def _mnist_fd(sets: ImageSets) -> float:
+    from .metrics import mnist_fd_metric  # noqa: PLC0415 - heavy (torch, the MNIST classifier)
+
+    return mnist_fd_metric(sets)
+
+
+def _mnist_acc(sets: ImageSets) -> float:
+    from .metrics import mnist_acc_metric  # noqa: PLC0415 - heavy (torch, the MNIST classifier)
+
+    return mnist_acc_metric(sets)
+
+
 # The order is the one every listing shows (study quality names; eval.metrics groups by first use).
 METRIC_SPECS: Dict[str, MetricSpec] = {spec.name: spec for spec in (
     MetricSpec("val_loss", group="val_loss", better=LOWER, function=None),
     MetricSpec("digits_fd", group="digits", better=LOWER, function=_digits_fd),
     MetricSpec("fid", group="fid", better=LOWER, function=_fid),
     MetricSpec("digits_acc", group="digits", better=HIGHER, function=_digits_acc, fmt="{:.2%}", line_fmt="{:.2%}",
+               table_fmt="{:.1%}"),
+    MetricSpec("mnist_fd", group="mnist", better=LOWER, function=_mnist_fd),
+    MetricSpec("mnist_acc", group="mnist", better=HIGHER, function=_mnist_acc, fmt="{:.2%}", line_fmt="{:.2%}",
                table_fmt="{:.1%}"),
 )}
 """Every metric by name. A metric's name in a record may carry a guidance scale (digits_fd@g2) or

@@ -2,11 +2,12 @@
 unmask-tuning phase and at the end of the run, from the EMA weights, spread over the ranks.
 
 Measures the validation loss on held-out data at fixed noise levels, and on generated images the
-digits Frechet distance and accuracy (digits data) and FID (against a reference file, or statistics
-of the training shards computed once and cached beside the manifest), at each configured guidance
-scale. Rank 0 writes every result to TensorBoard (`eval/...`) and appends one record per
-evaluation to RUN_DIR/metrics.jsonl: step, images seen, training FLOPs and wall time so far,
-accelerator hours, this evaluation's own wall time, and the metrics.
+digits or MNIST Frechet distance and accuracy (digits or MNIST data: their held-out judges) and
+FID (against a reference file, or statistics of the training shards computed once and cached
+beside the manifest), at each configured guidance scale. Rank 0 writes every result to
+TensorBoard (`eval/...`) and appends one record per evaluation to RUN_DIR/metrics.jsonl: step,
+images seen, training FLOPs and wall time so far, accelerator hours, this evaluation's own wall
+time, and the metrics.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from ..checkpoints import RunState
 from ..config import TrainConfig
 from ..console import say, warn
 from ..distributed import DistInfo
-from ..evaluation import digits
+from ..evaluation.digits import DIGITS
 from ..evaluation.frechet import feature_stats, frechet_distance
 from ..evaluation.history import METRICS_FILE, parse_metrics
 from ..evaluation.images import load_images, load_reference_stats
+from ..evaluation.judge import Judge
+from ..evaluation.mnist import MNIST
 from ..evaluation.registry import MetricSpec, guided, in_groups, line_text
 from ..sample.generate import SampleSettings
 from .batch import LoaderOptions
@@ -51,10 +54,16 @@ IMAGE_METRICS: Dict[str, Callable[[Features, np.ndarray, Dict[str, Stats]], floa
     "digits_fd": lambda feats, labels, refs: frechet_distance(*feature_stats(feats["digits_feat"]), *refs["digits_fd"]),
     "digits_acc": lambda feats, labels, refs: float((feats["digits_pred"] == labels).mean()),
     "fid": lambda feats, labels, refs: frechet_distance(*feature_stats(feats["inception"]), *refs["fid"]),
+    "mnist_fd": lambda feats, labels, refs: frechet_distance(*feature_stats(feats["mnist_feat"]), *refs["mnist_fd"]),
+    "mnist_acc": lambda feats, labels, refs: float((feats["mnist_pred"] == labels).mean()),
 }
 """How the run measures each registry metric of generated images (trainer.evaluation.registry's
 metrics with an image-set function): from the features of the images, dealt over the ranks
 (featurizers set up by the Evaluator), their labels and the reference statistics."""
+
+JUDGES: Dict[str, Tuple[Judge, str]] = {"digits": (DIGITS, "the bundled digits"),
+                                        "mnist": (MNIST, "the bundled MNIST digits")}
+"""The eval.metrics groups judged by a held-out classifier: its judge, and the data it applies to."""
 
 
 def first_samples(urls: List[str], manifest: Manifest, count: int,
@@ -92,15 +101,9 @@ class Evaluator:
         self.decoder = self._decoder()
         self.to_images = latent_decoder(manifest.scaling_factor, manifest.encoder, self.decoder)
         self.featurizers, self.references = {}, {}
-        if "digits" in e.metrics:
-            if not str(manifest.source.get("spec", "")).startswith("digits"):
-                raise RunStopped(f"eval.metrics has digits, but the data are {manifest.source.get('spec')!r}, "
-                                 "not the bundled digits")
-            net = digits.load_classifier()
-            self.featurizers["digits_feat"] = lambda images: digits.features(images, net)
-            self.featurizers["digits_pred"] = lambda images: digits.predict(images, net)
-            real, _ = digits.real_digits("train", manifest.resolution or self.latent_shape[-1])
-            self.references["digits_fd"] = feature_stats(digits.features(real, net))
+        for group in JUDGES:
+            if group in e.metrics:
+                self._set_up_judge(group)
         if "fid" in e.metrics:
             try:
                 inception = load_fid_inception(e.inception, device)
@@ -113,6 +116,19 @@ class Evaluator:
             self.val = first_samples(val[0], val[1], e.val_samples, e.batch_size)
         if dist_info.rank == 0:
             keep_records_through(self.path, resumed_step)
+
+    def _set_up_judge(self, group: str) -> None:
+        """The featurizers of a held-out judge (digits, mnist) and its FD reference: the real train
+        split at the dataset's resolution. The data must be the judge's own."""
+        judge, data = JUDGES[group]
+        spec = self.manifest.source.get("spec")
+        if not str(spec or "").startswith(judge.name):
+            raise RunStopped(f"eval.metrics has {group}, but the data are {spec!r}, not {data}")
+        net = judge.load()
+        self.featurizers[f"{group}_feat"] = lambda images: judge.features(images, net)
+        self.featurizers[f"{group}_pred"] = lambda images: judge.predict(images, net)
+        real, _ = judge.real("train", self.manifest.resolution or self.latent_shape[-1])
+        self.references[f"{group}_fd"] = feature_stats(judge.features(real, net))
 
     # ------------------------------------------------------------------------- when and what
 
