@@ -271,7 +271,7 @@ def test_eval_cli_without_inception_weights_is_one_line_exit_2(tmp_path, monkeyp
 
 def test_fid_cli_and_precomputed_reference_stats(tmp_path, monkeypatch, capsys):
     """The CLI's FID path; a small stand-in (64-d features) replaces the Inception network (tested above)."""
-    import trainer.evaluation.metrics as metrics
+    import trainer.evaluation.image_sets as metrics
 
     torch.manual_seed(0)
     stand_in = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 64))

@@ -39,7 +39,8 @@ def test_the_registry_names_groups_directions_and_formats():
 def test_the_registry_is_light_for_the_config():
     """The launch config reads the registry: importing it loads neither torch nor the metric code."""
     code = ("import sys, trainer.evaluation.registry; "
-            "print(sorted(m for m in ('torch', 'numpy', 'trainer.evaluation.metrics') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'numpy', 'trainer.evaluation.metrics', 'trainer.evaluation.image_sets') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -19,98 +19,14 @@ their conditioning label; needs labels), and their MNIST counterparts `mnist_fd`
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence
 
-import numpy as np
-
-from model_zoo.inception import InceptionWeightsError, load_fid_inception
-
-from ..distributed import accelerator_device
-from .digits import digits_accuracy, digits_fd
 from .errors import EvalError
-from .fid import fid
-from .images import load_images, load_reference_stats
-from .mnist import mnist_accuracy, mnist_fd
+from .image_sets import ImageSets
 from .registry import METRIC_SPECS, MetricSpec
 
 METRICS: Dict[str, MetricSpec] = {name: spec for name, spec in METRIC_SPECS.items() if spec.function is not None}
 """The metrics `evaluate` knows: those of the registry with a function on image sets."""
-
-
-class ImageSets:
-    """mdt-eval's inputs as the metric functions read them: the generated images and labels (read
-    on first use, so that a metric's own checks and weights come first), the reference as given, the
-    weights files and the Inception batch size. A function that reads a reference set records its
-    size in `counts` (num_reference)."""
-
-    def __init__(self, generated: str, reference: str | None, *, inception: str | None = None,
-                 digits_classifier: str | None = None, mnist_classifier: str | None = None, batch_size: int = 50):
-        self.generated, self.reference = generated, reference
-        self.inception, self.digits_classifier, self.batch_size = inception, digits_classifier, batch_size
-        self.mnist_classifier = mnist_classifier
-        self.counts: Dict[str, float] = {}
-        self._loaded: Tuple[np.ndarray, np.ndarray | None] | None = None
-
-    def _load(self) -> Tuple[np.ndarray, np.ndarray | None]:
-        if self._loaded is None:
-            self._loaded = load_images(self.generated)
-        return self._loaded
-
-    @property
-    def images(self) -> np.ndarray:
-        """The generated images, uint8 [N, H, W, 3]."""
-        return self._load()[0]
-
-    @property
-    def labels(self) -> np.ndarray | None:
-        """The generated images' labels [N] (None when the set has none)."""
-        return self._load()[1]
-
-
-def fid_metric(sets: ImageSets) -> float:
-    """FID of the generated images against the reference set or its precomputed statistics."""
-    if sets.reference is None:
-        raise EvalError("fid needs a reference set (second argument)")
-    try:
-        model = load_fid_inception(sets.inception, accelerator_device())  # fail on missing weights before any work
-    except InceptionWeightsError as err:
-        raise EvalError(str(err)) from None
-    images = sets.images
-    stats = load_reference_stats(sets.reference)
-    ref = stats if stats is not None else load_images(sets.reference, images.shape[1])[0]
-    if stats is None:
-        sets.counts["num_reference"] = float(len(ref))
-    return fid(images, ref, batch_size=sets.batch_size, model=model)
-
-
-def digits_fd_metric(sets: ImageSets) -> float:
-    """The digits Frechet distance against the reference set (default the digits' train split)."""
-    images = sets.images
-    ref_images = load_images(sets.reference or "digits:train", images.shape[1])[0]
-    sets.counts["num_reference"] = float(len(ref_images))
-    return digits_fd(images, ref_images, sets.digits_classifier)
-
-
-def digits_acc_metric(sets: ImageSets) -> float:
-    """The share of generated digits the classifier assigns to their labels."""
-    if sets.labels is None:
-        raise EvalError(f"digits_acc needs labels: {sets.generated} has no arr_1 (class labels)")
-    return digits_accuracy(sets.images, sets.labels, sets.digits_classifier)
-
-
-def mnist_fd_metric(sets: ImageSets) -> float:
-    """The MNIST Frechet distance against the reference set (default the MNIST train split)."""
-    images = sets.images
-    ref_images = load_images(sets.reference or "mnist:train", images.shape[1])[0]
-    sets.counts["num_reference"] = float(len(ref_images))
-    return mnist_fd(images, ref_images, sets.mnist_classifier)
-
-
-def mnist_acc_metric(sets: ImageSets) -> float:
-    """The share of generated MNIST digits the MNIST classifier assigns to their labels."""
-    if sets.labels is None:
-        raise EvalError(f"mnist_acc needs labels: {sets.generated} has no arr_1 (class labels)")
-    return mnist_accuracy(sets.images, sets.labels, sets.mnist_classifier)
 
 
 def evaluate(generated: str, reference: str | None, metrics: Sequence[str], *, inception: str | None = None,

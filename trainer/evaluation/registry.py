@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Tuple
 
 if TYPE_CHECKING:
-    from .metrics import ImageSets
+    from .image_sets import ImageSets
 
 LOWER, HIGHER = "lower", "higher"
 
@@ -42,31 +42,31 @@ class MetricSpec:
 # Each function imports its computation (torch, the networks) only when mdt-eval calls it: the
 # registry stays light enough for the launch config to read.
 def _fid(sets: ImageSets) -> float:
-    from .metrics import fid_metric  # noqa: PLC0415 - heavy (torch, Inception); only when computed
+    from .image_sets import fid_metric  # noqa: PLC0415 - heavy (torch, Inception); only when computed
 
     return fid_metric(sets)
 
 
 def _digits_fd(sets: ImageSets) -> float:
-    from .metrics import digits_fd_metric  # noqa: PLC0415 - heavy (torch, the digits classifier)
+    from .image_sets import digits_fd_metric  # noqa: PLC0415 - heavy (torch, the digits classifier)
 
     return digits_fd_metric(sets)
 
 
 def _digits_acc(sets: ImageSets) -> float:
-    from .metrics import digits_acc_metric  # noqa: PLC0415 - heavy (torch, the digits classifier)
+    from .image_sets import digits_acc_metric  # noqa: PLC0415 - heavy (torch, the digits classifier)
 
     return digits_acc_metric(sets)
 
 
 def _mnist_fd(sets: ImageSets) -> float:
-    from .metrics import mnist_fd_metric  # noqa: PLC0415 - heavy (torch, the MNIST classifier)
+    from .image_sets import mnist_fd_metric  # noqa: PLC0415 - heavy (torch, the MNIST classifier)
 
     return mnist_fd_metric(sets)
 
 
 def _mnist_acc(sets: ImageSets) -> float:
-    from .metrics import mnist_acc_metric  # noqa: PLC0415 - heavy (torch, the MNIST classifier)
+    from .image_sets import mnist_acc_metric  # noqa: PLC0415 - heavy (torch, the MNIST classifier)
 
     return mnist_acc_metric(sets)
 
