@@ -351,7 +351,8 @@ def test_mean_curve_aligns_steps_and_final_evaluations():
 
 def synthetic_runs(tmp_path: Path):
     """2 variants x 2 seeds of evaluation records at steps 10, 20, 30 (final), batch 16, 1e9 FLOPs a
-    step, and post-hoc results at guidance 1 and 2 with Skip-Cache at 2."""
+    step, and post-hoc results at guidance 1 and 2 with Skip-Cache at 2 (and, for `fast`, path-drop
+    guidance at 2 with its counted cost)."""
     path = write_study(tmp_path, {"guidance": [1, 2], "skip_cache": 2, "posthoc_images": 20})
     runs = plan_runs(load_study(str(path)))
     fd = {"ref-s0": [30, 20, 10], "ref-s1": [34, 22, 14], "fast-s0": [20, 10, 6], "fast-s1": [24, 12, 8]}
@@ -369,8 +370,11 @@ def synthetic_runs(tmp_path: Path):
                   for g, q in posthoc_fd[run.variant].items()}
         cached = {"2": {"digits_fd": posthoc_fd[run.variant]["2"] + run.seed + 1.5, "digits_acc": 0.8, "seconds": 1.0},
                   "1": {"digits_fd": 99.0, "digits_acc": 0.1, "seconds": 0.5}}
+        path_drop = {"path_drop": {"2": {"digits_fd": 4.0 + run.seed, "digits_acc": 0.9, "seconds": 1.5,
+                                         "gflops_per_image": 7.0}}} if run.variant == "fast" else {}
         (Path(run.run_dir) / "posthoc.json").write_text(json.dumps({
-            "settings": settings, "note": None, "guidance": judged, "skip_cache": {"interval": 2, "guidance": cached}}))
+            "settings": settings, "note": None, "guidance": judged, "skip_cache": {"interval": 2, "guidance": cached},
+            **path_drop}))
     return path
 
 
@@ -400,13 +404,20 @@ def test_report_numbers_equal_those_worked_out_by_hand(tmp_path):
     # per seed: ref-s0 (30, 20, 10) crosses 12 at step 28; ref-s1 (34, 22, 14) never does
     assert [r["to_target"] and r["to_target"]["step"] for r in ref["runs"]] == [pytest.approx(28), None]
     # guidance (post-hoc, seeds offset by 0 and 1) and Skip-Cache at the best scale
-    assert fast["guided"] == {"metric": "digits_fd", "scales": {"1": 8.5, "2": 5.5}, "best_scale": 2.0, "best": 5.5}
+    assert fast["guided"] == {"metric": "digits_fd", "scales": {"1": 8.5, "2": 5.5}, "best_scale": 2.0, "best": 5.5,
+                              "gflops_per_image": None}
+    # path-drop guidance: unguided (g = 1) is CFG's value, g = 2 its own, with its counted cost
+    assert fast["guided_path_drop"] == {"metric": "digits_fd", "scales": {"1": 8.5, "2": 4.5}, "best_scale": 2.0,
+                                        "best": 4.5, "gflops_per_image": 7.0}
+    assert ref["guided_path_drop"] is None
+    assert fast["posthoc"]["path_drop"]["digits_fd"] == {"2": 4.5}
     assert fast["skip_cache"] == {"scale": 2.0, "interval": 2, "speedup": 2.0, "digits_fd_change": 1.5,
                                   "digits_acc_change": pytest.approx(-0.1)}
     # every judged metric by scale, mean over seeds: fd 8 + 0 and 8 + 1 at g = 1, the cached 5 + 1.5 + 0 / + 1 at 2
     assert fast["posthoc"]["full"] == {"digits_acc": {"1": 0.9, "2": 0.9}, "digits_fd": {"1": 8.5, "2": 5.5}}
     assert fast["posthoc"]["skip_cache"]["digits_fd"] == {"1": 99.0, "2": 7.0}
     md = (tmp_path / "out" / "study.md").read_text()
+    assert "| fast | path-drop | 4.5 (digits_fd) | 2 | 7 | 1: 8.5, 2: 4.5 |" in md and "| fast | CFG | 5.5 " in md
     assert "| fast + Skip-Cache | 99 | 7 |" in md and "| ref | 15.5 | 9.5 |" in md and "| fast | 90.0% | 90.0% |" in md
     assert "| ref (baseline) | 2 | 12 ± 2.8 | 30 | 480 | 3e+10 | 0:00:33 | 0.0183 | 1.00x | 1.00x |" in md
     assert "| fast | 2 | 7 ± 1.4 | 19 | 305 | 1.91e+10 | 0:00:11 | 0.00636 | 2.88x | 1.57x |" in md

@@ -49,10 +49,28 @@ def _posthoc_lines(summary: Mapping[str, Any]) -> list:
                   "mean over seeds)", "", "| variant | " + " | ".join(f"g = {s}" for s in scales) + " |",
                   "|---|" + "---|" * len(scales)]
         for v in variants:
-            for kind, label in (("full", v["name"]), ("skip_cache", f"{v['name']} + Skip-Cache")):
+            for kind, label in (("full", v["name"]), ("skip_cache", f"{v['name']} + Skip-Cache"),
+                                ("path_drop", f"{v['name']}, path-drop guidance")):
                 row = v["posthoc"].get(kind, {}).get(metric)
                 if row:
                     lines.append(f"| {label} | " + " | ".join(_cell(metric, row.get(s)) for s in scales) + " |")
+    return lines
+
+
+def _guidance_kind_lines(summary: Mapping[str, Any]) -> list:
+    """Classifier-free against path-drop guidance where both were judged: each at its best scale,
+    with the network GFLOPs one image cost there (counted)."""
+    variants = [v for v in summary["variants"] if v.get("guided_path_drop") and v.get("guided")]
+    if not variants:
+        return []
+    lines = ["", "### Classifier-free against path-drop guidance (post hoc, each at its best scale)", "",
+             "| variant | guidance | best quality | at guidance | GFLOPs per image | all scales |",
+             "|---|---|---|---|---|---|"]
+    for v in variants:
+        for label, g in (("CFG", v["guided"]), ("path-drop", v["guided_path_drop"])):
+            scales = ", ".join(f"{k}: {x:.4g}" for k, x in g["scales"].items())
+            lines.append(f"| {v['name']} | {label} | {g['best']:.4g} ({g['metric']}) | {g['best_scale']:g} "
+                         f"| {_num(g.get('gflops_per_image'), '{:.3g}')} | {scales} |")
     return lines
 
 
@@ -90,6 +108,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {v['name']} | {best} | {_num(g and g['best_scale'], '{:g}')} | {scales} "
                      f"| {_speedup(s and s['speedup'])} "
                      f"| {_num(s and s.get('digits_fd_change'), '{:+.3g}')} |")
+    lines += _guidance_kind_lines(summary)
     lines += _posthoc_lines(summary)
     lines += ["", "## Runs", "", f"| variant | seed | final step | {q} final | steps to target | wall time to target |",
               "|---|---|---|---|---|---|"]

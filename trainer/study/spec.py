@@ -7,10 +7,11 @@ planned into `PlannedRun`s: each run's overrides, its validated launch config an
     output_dir: runs/studies/mask_ratio   # default runs/studies/NAME (relative to the working directory)
     ranks: 2                          # ranks per run (deepspeed --num_gpus)
     budget: {images: 192000}          # exactly one of images, flops (training FLOPs), wall_s (training seconds)
-    quality: digits_fd                # the headline metric: val_loss, digits_fd, digits_acc, fid (optionally @gSCALE)
+    quality: digits_fd                # the headline metric: val_loss, {digits,mnist}_{fd,acc}, fid (optionally @gSCALE)
     baseline: mask50                  # default: the first variant
     seeds: [0, 1]
     guidance: [1, 2, 4]               # post-hoc judgement at these guidance scales
+    guidance_kinds: [cfg, path_drop]  # ... with these kinds of guidance (path_drop: SPRINT variants only)
     skip_cache: 2                     # post-hoc Skip-Cache interval (models with skip branches); null: none
     posthoc_images: 200               # images per post-hoc judgement (0: no post-hoc judgement)
     variants:
@@ -33,6 +34,7 @@ from typing import Any, Dict, List
 import yaml
 
 from ..config import ConfigError, TrainConfig, TrainingFlops, load_config, validate
+from ..diffusion import GUIDANCE_KINDS
 from ..evaluation.registry import METRIC_SPECS, direction, metric_stem
 from .budget import dataset_manifest, flops_per_image, steps_for_flops, steps_for_images
 
@@ -82,6 +84,8 @@ class Study:
     guidance: List[float] = field(default_factory=lambda: [1.0])
     skip_cache: int | None = None
     posthoc_images: int = 200
+    guidance_kinds: List[str] = field(default_factory=lambda: ["cfg"])
+    """Post-hoc guidance kinds: cfg, and path_drop for the SPRINT variants (path-drop guidance)."""
 
     def seeds_of(self, variant: Variant) -> List[int]:
         """The seeds a variant runs."""
@@ -154,7 +158,7 @@ def load_study(path: str) -> Study:
         raise StudyError(f"study file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     _expect(isinstance(tree, dict), f"study file {path} must hold a mapping")
     _keys(tree, ("name", "base", "output_dir", "ranks", "budget", "quality", "baseline", "seeds", "variants",
-                 "guidance", "skip_cache", "posthoc_images"), "")
+                 "guidance", "guidance_kinds", "skip_cache", "posthoc_images"), "")
     for key in ("base", "budget", "quality", "variants"):
         _expect(key in tree, f"missing key {key!r} in {path}")
     name = tree.get("name") or os.path.splitext(os.path.basename(path))[0]
@@ -183,6 +187,9 @@ def load_study(path: str) -> Study:
     _expect(isinstance(guidance, list) and guidance and all(
         isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in guidance),
         f"guidance must be a non-empty list of scales >= 0, got {guidance!r}")
+    kinds = tree.get("guidance_kinds", ["cfg"])
+    _expect(isinstance(kinds, list) and kinds and all(k in GUIDANCE_KINDS for k in kinds),
+            f"guidance_kinds must be a non-empty list of {', '.join(GUIDANCE_KINDS)}, got {kinds!r}")
     skip = tree.get("skip_cache")
     _expect(skip is None or (isinstance(skip, int) and not isinstance(skip, bool) and skip >= 1),
             f"skip_cache must be an interval >= 1 or null, got {skip!r}")
@@ -194,7 +201,7 @@ def load_study(path: str) -> Study:
     return Study(path=path, name=name, base=base, output_dir=output_dir, budget=_budget(tree["budget"]),
                  quality=quality, baseline=baseline, variants=variants, ranks=ranks,
                  seeds=_int_list(tree.get("seeds", [0]), "seeds"), guidance=[float(g) for g in guidance],
-                 skip_cache=skip, posthoc_images=images)
+                 skip_cache=skip, posthoc_images=images, guidance_kinds=list(kinds))
 
 
 # ----------------------------------------------------------------------------- the plan

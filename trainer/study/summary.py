@@ -94,9 +94,16 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _guided_values(final: Mapping[str, Any], posthoc: Mapping[str, Any] | None, stem: str) -> Dict[float, float]:
+def _guided_values(final: Mapping[str, Any], posthoc: Mapping[str, Any] | None, stem: str,
+                   table: str = "guidance") -> Dict[float, float]:
     """Quality by guidance scale for one run: the final in-loop evaluation's NAME / NAME@gG, then
-    the post-hoc judgement's values of the same metric (which win where both exist)."""
+    the post-hoc judgement's values of the same metric in posthoc.json's `table` (which win where
+    both exist). For another guidance kind than CFG ('path_drop') only scale 1 (no guidance, the same
+    for every kind) comes from the CFG values."""
+    if table != "guidance":
+        unguided = {s: v for s, v in _guided_values(final, posthoc, stem).items() if s == 1.0}
+        measured = ((posthoc or {}).get(table) or {}).items()
+        return {**unguided, **{float(s): float(r[stem]) for s, r in measured if stem in r}}
     values: Dict[float, float] = {}
     for name, value in final.get("metrics", {}).items():
         if name == stem:
@@ -110,15 +117,17 @@ def _guided_values(final: Mapping[str, Any], posthoc: Mapping[str, Any] | None, 
 
 
 def _guided(finals: Sequence[Mapping[str, Any]], posthoc: Sequence[Mapping[str, Any] | None], stem: str,
-            way: str) -> Dict[str, Any] | None:
-    per_run = [_guided_values(f, p, stem) for f, p in zip(finals, posthoc)]
+            way: str, table: str = "guidance") -> Dict[str, Any] | None:
+    per_run = [_guided_values(f, p, stem, table) for f, p in zip(finals, posthoc)]
     scales = sorted(set.intersection(*(set(v) for v in per_run))) if per_run else []
     if not scales:
         return None
     means = {s: _mean([v[s] for v in per_run]) for s in scales}
     best = min(scales, key=means.get) if way == LOWER else max(scales, key=means.get)
+    costs = [((p or {}).get(table) or {}).get(f"{best:g}", {}).get("gflops_per_image") for p in posthoc]
+    cost = _mean(costs) if costs and all(c is not None for c in costs) else None
     return {"metric": stem, "scales": {f"{s:g}": means[s] for s in scales}, "best_scale": best,
-            "best": means[best]}
+            "best": means[best], "gflops_per_image": cost}
 
 
 def _skip_cache(posthoc: Sequence[Mapping[str, Any] | None], scale: float | None) -> Dict[str, Any] | None:
@@ -151,7 +160,8 @@ def _posthoc_table(posthoc: Sequence[Mapping[str, Any] | None]) -> Dict[str, Dic
     if not judged or len(judged) != len(posthoc):
         return tables
     for kind, pick in (("full", lambda p: p.get("guidance") or {}),
-                       ("skip_cache", lambda p: (p.get("skip_cache") or {}).get("guidance") or {})):
+                       ("skip_cache", lambda p: (p.get("skip_cache") or {}).get("guidance") or {}),
+                       ("path_drop", lambda p: p.get("path_drop") or {})):
         per_seed = [pick(p) for p in judged]
         scales = sorted(set.intersection(*(set(t) for t in per_seed)), key=float)
         metrics = sorted({m for t in per_seed for s in scales for m in t[s] if m != "seconds"})
@@ -189,7 +199,10 @@ def summarize(study: Mapping[str, Any], runs: Mapping[str, Mapping[int, Sequence
             per_seed.append({"seed": seed, "final": float(final["metrics"][quality]),
                              "final_step": int(final["step"]), "to_target": first_reach(one, target, way)})
         values = [p["final"] for p in per_seed]
-        guided = _guided(finals, [posthoc.get(name, {}).get(s) for s in seeds], metric_stem(quality), way)
+        judged = [posthoc.get(name, {}).get(s) for s in seeds]
+        guided = _guided(finals, judged, metric_stem(quality), way)
+        path_drop = _guided(finals, judged, metric_stem(quality), way, "path_drop") \
+            if any((p or {}).get("path_drop") for p in judged) else None
         variants.append({
             "name": name, "baseline": name == baseline, "seeds": list(seeds),
             "final": {"mean": _mean(values), "sd": _sd(values), "values": values},
@@ -198,6 +211,7 @@ def summarize(study: Mapping[str, Any], runs: Mapping[str, Mapping[int, Sequence
             "speedup": {"wall": _ratio(base_need and base_need["train_seconds"], need and need["train_seconds"]),
                         "images": _ratio(base_need and base_need["images_seen"], need and need["images_seen"])},
             "guided": guided,
+            "guided_path_drop": path_drop,
             "skip_cache": _skip_cache([posthoc.get(name, {}).get(s) for s in seeds],
                                       guided["best_scale"] if guided else None),
             "posthoc": _posthoc_table([posthoc.get(name, {}).get(s) for s in seeds]),
