@@ -226,7 +226,7 @@ def test_hidden_at_a_sparse_block_gives_the_kept_tokens_and_their_positions(name
         model(x, t, y, hidden_at=7)
 
 
-@pytest.mark.parametrize("mode", ["torch", "deepspeed"])
+@pytest.mark.parametrize("mode", ["torch", "deepspeed", "fairscale"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_checkpointing_gives_the_same_gradients(name, mode):
     model = randomize(tiny(name))  # train mode: label dropout and SPRINT's path drop are drawn too

@@ -18,6 +18,7 @@ from trainer.cli import sample_main
 from trainer.config import ConfigError, config_from_dict, validate
 from trainer.diffusion import GuidedModel, make_denoiser, sample
 from trainer.diffusion.samplers import guide, karras_sigmas
+from trainer.evaluation.history import read_metrics
 from trainer.sample.cost import step_costs
 from trainer.sample.generate import sample_checkpoint
 
@@ -133,7 +134,8 @@ FAMILIES = {
 def test_sparse_families_train_and_resume_at_zero2_with_alignment_and_export_no_head(features8, tmp_path):
     """Each family: 12 steps with alignment on a sparse block and a final dense fine-tune (2 steps),
     then the same run resumed from its step-6 checkpoint in another run directory: the losses of
-    steps 7-12 equal the uninterrupted run's. Four runs, one launch."""
+    steps 7-12 equal the uninterrupted run's. Then SPRINT at ZeRO-3 with in-loop path-drop
+    guidance. Five runs, one launch."""
     configs = []
     for family, (model, ratio) in FAMILIES.items():
         common = dict(run={"total_steps": 12}, model=model, checkpoint={"every": 6},
@@ -145,10 +147,18 @@ def test_sparse_families_train_and_resume_at_zero2_with_alignment_and_export_no_
         again["checkpoint"]["resume"] = str(tmp_path / family / "full" / "t" / "checkpoints" / "step00000006")
         configs += [write_config(full, tmp_path / f"{family}-full.yaml"),
                     write_config(again, tmp_path / f"{family}-again.yaml")]
+    # and SPRINT at ZeRO-3 (sharded EMA), evaluated in the loop with path-drop guidance
+    zero3 = tiny_config(features8, str(tmp_path / "zero3"), run={"total_steps": 6}, model=FAMILIES["sprint"][0],
+                        phases={"mask_ratio": 0.75}, deepspeed={"zero_stage": 3, "precision": "fp32"},
+                        eval={"every": 6, "metrics": ["digits"], "num_images": 20, "guidance_scales": [1.0, 2.0],
+                              "guidance": "path_drop", "steps": 4, "batch_size": 20})
+    configs.append(write_config(zero3, tmp_path / "zero3.yaml"))
     proc = run(train_each_command(configs, free_port()), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     outputs = runs_in(proc.stdout)
-    assert len(outputs) == 4
+    assert len(outputs) == 5
+    evaluated = read_metrics(str(tmp_path / "zero3" / "t"))
+    assert [r["step"] for r in evaluated] == [6] and {"digits_fd", "digits_fd@g2"} <= set(evaluated[0]["metrics"])
     for k, family in enumerate(FAMILIES):
         ref, resumed = losses(outputs[2 * k]), losses(outputs[2 * k + 1])
         assert sorted(ref) == list(range(1, 13)) and sorted(resumed) == list(range(7, 13)), family
@@ -167,3 +177,34 @@ def test_sparse_families_train_and_resume_at_zero2_with_alignment_and_export_no_
                                    steps=4, guidance_scale=1.5, guidance=guidance, png=False,
                                    device=torch.device("cpu"))
         assert np.load(result.npz)["arr_0"].shape == (4, 8, 8, 3) and result.gflops_per_image > 0
+
+
+def test_the_runs_flops_count_is_the_networks_plus_the_head_on_the_tokens_the_aligned_block_saw():
+    """TrainingFlops (the run's accounting and study budgets) against FlopCounterMode around one
+    training step's forward and backward: SPRINT at ratio 0.75 aligned on a sparse block (the head
+    sees the kept quarter of the tokens) and on a dense one (all tokens). On the meta device, as the
+    run counts: attention in its plain form, 3x its forward (a fused CPU kernel's backward would add
+    its recomputation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model_zoo.flops import flop_mapping
+    from model_zoo.layers import attention_backend, kept_token_count
+    from trainer.config import TrainingFlops
+    from trainer.training.task import AlignHead
+
+    options = {"hidden_size": 32, "depth": 6, "num_heads": 2, "dense_in": 1, "dense_out": 1}
+    for block, seen in ((3, kept_token_count(16, 0.75)), (6, 16)):
+        cfg = config_from_dict({"model": {"name": "SPRINT-S/2", "skip": False, "options": options},
+                                "align": {"lambda_align": 0.5, "head_hidden": 24, "block": block}})
+        counted = TrainingFlops(cfg, (3, 8, 8), 10, feature_dim=12)
+        assert counted.aligned_tokens(0.75) == seen
+        with torch.device("meta"):
+            net = build_model("SPRINT-S/2", input_size=8, in_channels=3, num_classes=10, **options)
+            head = AlignHead(32, 24, 12)
+            x, t, y = torch.randn(1, 3, 8, 8), torch.rand(1), torch.zeros(1, dtype=torch.long)
+        counter = FlopCounterMode(display=False, custom_mapping=flop_mapping())
+        with counter, attention_backend("sdpa"):
+            out = net(x, t, y, mask_ratio=0.75, hidden_at=block)
+            (out.sample.float().square().mean() + head(out.hidden).square().mean()).backward()
+        assert counted(0.75) == counter.get_total_flops(), block
+        assert counted(0.75) == counted.network(0.75) + seen * head.flops_per_token()

@@ -64,7 +64,7 @@ def generate_features(denoiser: Denoiser, settings: SampleSettings, *, count: in
         gens = [step_generator(seed, i, device) for i in idx]
         z = sample(denoiser, noise, labels, sigmas, sampler=settings.sampler, guidance_scale=settings.guidance_scale,
                    guidance_interval=settings.guidance_interval, skip_cache=skip, generator=gens,
-                   guidance_channels=settings.guidance_channels).x
+                   guidance_channels=settings.guidance_channels, guidance=settings.guidance).x
         with torch.no_grad():
             images = (to_images(z).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         mine[b] = ({name: f(images) for name, f in featurizers.items()}, labels.cpu().numpy())

@@ -179,7 +179,8 @@ class Evaluator:
             metrics.update({f"val_loss/sigma={s:g}": float(v) for s, v in zip(e.val_sigmas, per_level)})
         for scale in e.guidance_scales if self.featurizers else []:
             settings = SampleSettings(sampler=e.sampler, steps=e.steps, guidance_scale=scale,
-                                      skip_cache_interval=e.skip_cache, batch_size=e.batch_size, seed=e.seed)
+                                      skip_cache_interval=e.skip_cache, batch_size=e.batch_size, seed=e.seed,
+                                      guidance=e.guidance)
             features, labels = generate_features(denoiser, settings, count=e.num_images,
                                                  latent_shape=self.latent_shape, num_classes=self.manifest.num_classes,
                                                  to_images=self.to_images, featurizers=self.featurizers, rank=rank,
