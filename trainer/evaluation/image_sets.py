@@ -4,7 +4,7 @@ registry that has one (`registry.py` imports them when a metric is computed)."""
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
@@ -64,31 +64,36 @@ def fid_metric(sets: ImageSets) -> float:
     return fid(images, ref, batch_size=sets.batch_size, model=model)
 
 
+def _judge_fd(sets: ImageSets, data: str, fd: Callable[..., float], classifier: str | None) -> float:
+    """A judge's Frechet distance against the reference set (default the data set's train split)."""
+    images = sets.images
+    ref_images = load_images(sets.reference or f"{data}:train", images.shape[1])[0]
+    sets.counts["num_reference"] = float(len(ref_images))
+    return fd(images, ref_images, classifier)
+
+
+def _judge_acc(sets: ImageSets, data: str, accuracy: Callable[..., float], classifier: str | None) -> float:
+    """The share of generated images a judge assigns to their labels."""
+    if sets.labels is None:
+        raise EvalError(f"{data}_acc needs labels: {sets.generated} has no arr_1 (class labels)")
+    return accuracy(sets.images, sets.labels, classifier)
+
+
 def digits_fd_metric(sets: ImageSets) -> float:
     """The digits Frechet distance against the reference set (default the digits' train split)."""
-    images = sets.images
-    ref_images = load_images(sets.reference or "digits:train", images.shape[1])[0]
-    sets.counts["num_reference"] = float(len(ref_images))
-    return digits_fd(images, ref_images, sets.digits_classifier)
+    return _judge_fd(sets, "digits", digits_fd, sets.digits_classifier)
 
 
 def digits_acc_metric(sets: ImageSets) -> float:
     """The share of generated digits the classifier assigns to their labels."""
-    if sets.labels is None:
-        raise EvalError(f"digits_acc needs labels: {sets.generated} has no arr_1 (class labels)")
-    return digits_accuracy(sets.images, sets.labels, sets.digits_classifier)
+    return _judge_acc(sets, "digits", digits_accuracy, sets.digits_classifier)
 
 
 def mnist_fd_metric(sets: ImageSets) -> float:
     """The MNIST Frechet distance against the reference set (default the MNIST train split)."""
-    images = sets.images
-    ref_images = load_images(sets.reference or "mnist:train", images.shape[1])[0]
-    sets.counts["num_reference"] = float(len(ref_images))
-    return mnist_fd(images, ref_images, sets.mnist_classifier)
+    return _judge_fd(sets, "mnist", mnist_fd, sets.mnist_classifier)
 
 
 def mnist_acc_metric(sets: ImageSets) -> float:
     """The share of generated MNIST digits the MNIST classifier assigns to their labels."""
-    if sets.labels is None:
-        raise EvalError(f"mnist_acc needs labels: {sets.generated} has no arr_1 (class labels)")
-    return mnist_accuracy(sets.images, sets.labels, sets.mnist_classifier)
+    return _judge_acc(sets, "mnist", mnist_accuracy, sets.mnist_classifier)
